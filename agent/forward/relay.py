@@ -1,0 +1,679 @@
+"""The data plane: a protocol-level HTTP/1.1 relay from a Unix socket to mTLS.
+
+Each client connection is an ``asyncio.Protocol`` parsing with llhttp
+(httptools); each request becomes an ``Exchange`` that owns one pooled
+upstream connection until its answer is complete. Bytes are relayed as they
+arrive, never collected whole, and each side's reading is paused while the
+other side's write buffer is full. Heads are rebuilt from parsed fields.
+DESIGN.md ("The data plane's engine") says why this shape and not aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import httptools
+
+from agent.config import Limits
+from agent.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    PeerDenied,
+    ProxyError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    UriTooLong,
+)
+from agent.forward.deadline import Deadline
+from agent.forward.http import (
+    Headers,
+    Target,
+    check_request_headers,
+    chunk,
+    copied_headers,
+    encode_head,
+    error_response,
+    last_chunk,
+    parse_target,
+    status_line,
+)
+from agent.forward.upstream import Pool, UpstreamConnection
+from agent.keychain import Keychain, LoadedIdentity
+from agent.peer import Peer, peer_of
+
+log = logging.getLogger(__name__)
+
+# Why a client's reading is paused; reading resumes when no reason is left.
+_CONNECTING = 1
+_UPSTREAM_FULL = 2
+_QUEUED = 4
+_UPGRADING = 8
+
+# How a response body is framed towards the client.
+_NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+
+
+class ProxyServer:
+    """Shared state of the proxy socket: routing, the pool, live clients."""
+
+    def __init__(self, keychain: Keychain, limits: Limits, allowed_uids: frozenset[int]) -> None:
+        self.keychain = keychain
+        self.limits = limits
+        self.allowed_uids = allowed_uids
+        self.pool = Pool(limits)
+        keychain.on_unload(self.pool.retire)
+        self.clients: set[ClientConnection] = set()
+        self.requests_served = 0
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        self.pool.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One local caller: parses its requests and answers them in order."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.timer = Deadline(self.loop, self._timed_out)
+        self.closed = False
+        self.tunnel: UpstreamConnection | None = None
+        self._paused = 0
+        self._writing_paused = False
+        # the head being parsed
+        self._url = b""
+        self._headers: Headers = []
+        self._head_size = 0
+        self._in_head = False
+        self._raw_head_bytes = 0
+        self._reject: ProxyError | None = None
+        # exchanges: the one being answered, the ones waiting, the one receiving a body
+        self.active: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._receiving: Exchange | None = None
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = peer_of(transport.get_extra_info("socket"))
+        self.server.clients.add(self)
+        self.timer.set(self.limits.keepalive_idle)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self._paused & _UPGRADING:
+            return  # nothing may follow an upgrade request until the upstream answers
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+        except httptools.HttpParserError as exc:
+            reason = str(exc).rstrip(".")
+            self._refuse(self._reject or BadRequest(f"The request is malformed: {reason}."))
+            return
+        if self._in_head:
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.limits.request_line + self.limits.header_bytes:
+                self._refuse(self._head_too_large())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.timer.cancel()
+        self.server.clients.discard(self)
+        if self.active is not None:
+            self.active.client_gone()
+        if self.tunnel is not None:
+            self.tunnel.close()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        upstream = self._upstream()
+        if upstream is not None:
+            upstream.transport.resume_reading()  # type: ignore[union-attr]
+
+    # --- llhttp callbacks (request) ---
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._raw_head_bytes = 0
+        self._in_head = True
+        if self.active is None:
+            self.timer.set(self.limits.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.request_line:
+            raise self._rejecting(
+                UriTooLong(f"The request line is longer than {self.limits.request_line} bytes.")
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # a trailer field after a chunked body
+            if self._receiving is not None:
+                self._receiving.trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if (
+            self._head_size > self.limits.header_bytes
+            or len(self._headers) > self.limits.header_fields
+        ):
+            raise self._rejecting(self._head_too_large())
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        exchange = Exchange(self, self._url, self._headers)
+        self._receiving = exchange
+        if self.active is None:
+            self.timer.cancel()
+            self.active = exchange
+            exchange.start()
+        else:  # pipelined: answered in order once the one before is done
+            self._queue.append(exchange)
+            self.pause(_QUEUED)
+
+    def on_body(self, body: bytes) -> None:
+        if self._receiving is not None:
+            self._receiving.request_body(body)
+
+    def on_message_complete(self) -> None:
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:
+            receiving.request_complete()
+
+    # --- used by exchanges ---
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._paused |= reason
+
+    def resume(self, reason: int) -> None:
+        was = self._paused
+        self._paused &= ~reason
+        if was and not self._paused and not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def exchange_done(self, exchange: Exchange, close: bool) -> None:
+        self.server.requests_served += 1
+        self.active = None
+        if close or self.closed:
+            self.close()
+            return
+        if self._queue:
+            self.active = self._queue.popleft()
+            if not self._queue:
+                self.resume(_QUEUED)
+            self.active.start()
+        else:
+            idle = self.limits.head_timeout if self._in_head else self.limits.keepalive_idle
+            self.timer.set(idle)
+
+    def start_tunnel(self, upstream: UpstreamConnection, client_bytes: bytes) -> None:
+        """After a 101: from now on both sides are relayed as raw bytes."""
+        self.tunnel = upstream
+        self.timer.cancel()
+        if client_bytes:
+            upstream.transport.write(client_bytes)  # type: ignore[union-attr]
+        self.resume(_UPGRADING)
+
+    def close(self) -> None:
+        """Close after what is already written has been sent."""
+        if not self.closed:
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Cut the connection: the client must not take a partial body as whole."""
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    # --- internals ---
+
+    def _upstream(self) -> UpstreamConnection | None:
+        if self.tunnel is not None:
+            return self.tunnel
+        if self.active is not None:
+            return self.active.upstream
+        return None
+
+    def _rejecting(self, error: ProxyError) -> ProxyError:
+        self._reject = error
+        return error
+
+    def _head_too_large(self) -> ProxyError:
+        if not self._headers and len(self._url) >= self.limits.request_line:
+            return UriTooLong(f"The request line is longer than {self.limits.request_line} bytes.")
+        return HeadersTooLarge(
+            f"The request head exceeds {self.limits.header_bytes} bytes or "
+            f"{self.limits.header_fields} fields."
+        )
+
+    def _refuse(self, error: ProxyError) -> None:
+        """A request we cannot parse: answer (unless another answer is under way), close."""
+        self._in_head = False
+        if self.active is None:
+            self.write(error_response(error, close=True))
+            self.close()
+        else:  # let the answer in progress finish, then close
+            self.pause(_QUEUED)
+            self._queue.clear()
+            self.active.close_client = True
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        exchange = self.active if not self._queue else self._queue[-1]
+        if exchange is not None and exchange.upgrade is not None and exchange.error is None:
+            exchange.upgrade_bytes = rest
+            self.pause(_UPGRADING)
+        elif exchange is not None:  # e.g. CONNECT: its error answer ends the connection
+            exchange.close_client = True
+            self.pause(_UPGRADING)
+
+    def _timed_out(self) -> None:
+        # idle keep-alive, or a head that did not arrive in time: just close
+        if self.active is None:
+            self.close()
+
+
+class Exchange:
+    """One request and its answer: routing, the upstream, and the relay."""
+
+    def __init__(self, client: ClientConnection, url: bytes, headers: Headers) -> None:
+        self.client = client
+        self.server = client.server
+        self.limits = client.limits
+        parser = client.parser
+        self.method: bytes = parser.get_method()
+        self.version_10 = parser.get_http_version() == "1.0"
+        self.close_client = self.version_10 or not parser.should_keep_alive()
+        self.upgrade: bytes | None = None
+        self.upgrade_bytes = b""
+        self.error: ProxyError | None = None
+        self.target: Target | None = None
+        self.headers: Headers = []
+        self.body_framing: bytes | None = None  # b"chunked" or a Content-Length
+        self.trailers: Headers = []
+        self.pending: list[bytes] = []
+        self.request_done = False
+        self.loaded: LoadedIdentity | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.deadline = Deadline(client.loop, self._timed_out)
+        self.done = False
+        self.head_sent = False
+        self._connect_task: asyncio.Task[None] | None = None
+        self._reused = False
+        # the response being relayed
+        self.response: httptools.HttpResponseParser | None = None
+        self._status_reason = b""
+        self._response_headers: Headers = []
+        self._response_in_head = True
+        self._response_head_bytes = 0
+        self._interim = False
+        self._framing = _NO_BODY
+        self._upstream_until_close = False
+        self._response_trailers: Headers = []
+        try:
+            self._check(url, headers)
+        except ProxyError as exc:
+            self.error = exc
+
+    # --- request side ---
+
+    def _check(self, url: bytes, headers: Headers) -> None:
+        client = self.client
+        if client.peer is None or client.peer.uid not in self.server.allowed_uids:
+            raise PeerDenied()
+        if self.client.parser.get_http_version() not in ("1.0", "1.1"):
+            raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
+        host = check_request_headers(headers)
+        self.target = parse_target(url, host, self.method)
+        framing = None
+        upgrade = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                framing = b"chunked"  # llhttp refuses any request coding but a final chunked
+            elif lower == b"content-length" and framing is None:
+                framing = value
+            elif lower == b"upgrade":
+                upgrade = value
+        self.body_framing = framing
+        # a body-less request is whole once its head is: an early answer keeps the connection
+        self.request_done = framing is None or framing == b"0"
+        if upgrade is not None and client.parser.should_upgrade():
+            self.upgrade = upgrade
+        self.headers = copied_headers(headers)
+
+    def start(self) -> None:
+        """Route and get an upstream connection (from the pool when one is idle)."""
+        if self.error is not None:
+            self.fail(self.error)
+            return
+        assert self.target is not None
+        try:
+            self.loaded = self.server.keychain.route(self.target.host, self.target.port)
+        except ProxyError as exc:
+            self.fail(exc)
+            return
+        conn = self.server.pool.take((self.loaded, self.target.host, self.target.port))
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        self.client.pause(_CONNECTING)
+        self._connect_task = self.client.loop.create_task(self._connecting())
+
+    async def _connecting(self) -> None:
+        assert self.loaded is not None and self.target is not None
+        try:
+            conn = await self.server.pool.connect(self.loaded, self.target)
+        except ProxyError as exc:
+            self.client.resume(_CONNECTING)
+            self.fail(exc)
+            return
+        finally:
+            self._connect_task = None
+        if self.done or self.client.closed:
+            self.server.pool.put(conn)
+            return
+        self._attach(conn)
+        self.client.resume(_CONNECTING)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        assert self.target is not None
+        self.upstream = conn
+        self._reused = conn.reused
+        conn.user = self
+        self.response = httptools.HttpResponseParser(self)
+        extra: Headers = [(b"Host", self.target.authority)]
+        if self.body_framing == b"chunked":
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        elif self.body_framing is not None:
+            extra.append((b"Content-Length", self.body_framing))
+        if self.upgrade is not None:
+            extra += [(b"Connection", b"upgrade"), (b"Upgrade", self.upgrade)]
+        head = encode_head(b"%s %s HTTP/1.1" % (self.method, self.target.path), self.headers, extra)
+        transport = conn.transport
+        assert transport is not None
+        transport.write(head)
+        if self.pending:
+            transport.writelines(self.pending)
+            self.pending = []
+        self.deadline.set(self.limits.response_timeout)
+        if self.client._writing_paused:
+            transport.pause_reading()
+
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return  # already answered (an error): the rest of the body is dropped
+        parts = chunk(data) if self.body_framing == b"chunked" else (data,)
+        if self.upstream is None:
+            self.pending.extend(parts)
+        else:
+            self.upstream.transport.writelines(parts)  # type: ignore[union-attr]
+            self.deadline.set(self.limits.response_timeout)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.done or self.body_framing != b"chunked":
+            return
+        end = last_chunk(self.trailers)
+        if self.upstream is None:
+            self.pending.append(end)
+        else:
+            self.upstream.transport.write(end)  # type: ignore[union-attr]
+
+    # --- upstream connection events ---
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.client.tunnel is not None:
+            self.client.write(data)
+            return
+        if self._response_in_head:
+            self._response_head_bytes += len(data)
+            if self._response_head_bytes > self.limits.upstream_head_bytes:
+                self._bad_response(
+                    f"The upstream's response head exceeds {self.limits.upstream_head_bytes} bytes."
+                )
+                return
+        try:
+            self.response.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.upgrade is None:
+                self._bad_response("The upstream switched protocols without being asked to.")
+            else:
+                self._switch_protocols(data[upgrade.args[0] :])
+        except httptools.HttpParserError:
+            self._bad_response("The upstream answered something that is not valid HTTP/1.1.")
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.upstream = None
+        if self.done:
+            return
+        if self.client.tunnel is not None:
+            self.done = True
+            self.client.close()
+        elif not self.head_sent:
+            if self._may_retry():
+                self._connect()  # a pooled connection the upstream had just closed
+            else:
+                where = f"{self.target.host}:{self.target.port}"  # type: ignore[union-attr]
+                self.fail(UpstreamUnreachable(f"{where} closed the connection without answering."))
+        elif self._upstream_until_close and exc is None:
+            self._complete()
+        else:  # cut short upstream: cut short to the client too
+            self.done = True
+            self.deadline.cancel()
+            self.client.abort()
+
+    def upstream_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.pause(_UPSTREAM_FULL)
+        else:
+            self.client.resume(_UPSTREAM_FULL)
+
+    # --- llhttp callbacks (response) ---
+
+    def on_message_begin(self) -> None:
+        self._status_reason = b""
+        self._response_headers = []
+        self._response_in_head = True
+        self._response_head_bytes = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._status_reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response_in_head:
+            self._response_headers.append((name, value))
+        else:
+            self._response_trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            return
+        self._response_in_head = False
+        status = self.response.get_status_code()  # type: ignore[union-attr]
+        if status == 101 and self.upgrade is not None:
+            return  # the switch happens once llhttp hands back the rest
+        if 100 <= status < 200:
+            self._interim = True
+            if not self.version_10:
+                head = status_line(status, self._status_reason)
+                self.client.write(encode_head(head, copied_headers(self._response_headers), []))
+            return
+        self._send_response_head(status)
+        if self._framing == _NO_BODY and self.method == b"HEAD":
+            self._complete()  # llhttp would wait for a body that a HEAD answer never has
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            return
+        if self._framing == _CHUNKED:
+            self.client.transport.writelines(chunk(body))  # type: ignore[union-attr]
+        else:
+            self.client.write(body)
+        self.deadline.set(self.limits.body_idle_timeout)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self.done:
+            self._complete()
+
+    # --- answering ---
+
+    def _send_response_head(self, status: int) -> None:
+        length = None
+        chunked = False
+        for name, value in self._response_headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked = True
+            elif lower == b"content-length":
+                length = value
+        extra: Headers = []
+        if self.method == b"HEAD" or status in (204, 304):
+            self._framing = _NO_BODY
+            if length is not None:
+                extra.append((b"Content-Length", length))
+        elif length is not None and not chunked:
+            self._framing = _LENGTH
+            extra.append((b"Content-Length", length))
+        else:
+            # chunked, or delimited by the upstream closing: HTTP/1.1 clients
+            # get chunks (trailers kept), HTTP/1.0 clients read until close
+            self._upstream_until_close = not chunked
+            if self.version_10:
+                self._framing = _UNTIL_CLOSE
+                self.close_client = True
+            else:
+                self._framing = _CHUNKED
+                extra.append((b"Transfer-Encoding", b"chunked"))
+        if not self.request_done:
+            self.close_client = True  # the upstream answered before the body was all sent
+        if self.close_client:
+            extra.append((b"Connection", b"close"))
+        head = status_line(status, self._status_reason)
+        self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
+        self.head_sent = True
+        self.deadline.set(self.limits.body_idle_timeout)
+
+    def _complete(self) -> None:
+        """The answer is whole: end it, and pool the upstream if it can go on."""
+        self.done = True
+        self.deadline.cancel()
+        if self._framing == _CHUNKED:
+            self.client.write(last_chunk(self._response_trailers))
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.user = None
+            if (
+                self.request_done
+                and not self._upstream_until_close
+                and self.response.should_keep_alive()  # type: ignore[union-attr]
+            ):
+                if self.client._writing_paused:
+                    conn.transport.resume_reading()  # type: ignore[union-attr]
+                self.server.pool.put(conn)
+            else:
+                conn.close()
+        self.client.exchange_done(self, self.close_client)
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer with the agent's own error, or cut the client off mid-answer."""
+        if self.done:
+            return
+        self.done = True
+        self.deadline.cancel()
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.user = None
+            conn.abort()
+        if self.head_sent:
+            self.client.abort()
+            return
+        close = self.close_client or not self.request_done
+        self.client.write(error_response(error, close=close))
+        self.client.exchange_done(self, close)
+
+    def client_gone(self) -> None:
+        self.done = True
+        self.deadline.cancel()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.user = None
+            conn.abort()
+
+    def _bad_response(self, message: str) -> None:
+        self.fail(UpstreamBadResponse(message))
+
+    def _switch_protocols(self, upstream_bytes: bytes) -> None:
+        """The upstream accepted the upgrade: relay its 101, then raw bytes."""
+        extra: Headers = [(b"Connection", b"upgrade"), (b"Upgrade", self.upgrade or b"")]
+        head = status_line(101, self._status_reason)
+        self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
+        self.head_sent = True
+        self.deadline.cancel()
+        if upstream_bytes:
+            self.client.write(upstream_bytes)
+        self.client.start_tunnel(self.upstream, self.upgrade_bytes)  # type: ignore[arg-type]
+
+    def _may_retry(self) -> bool:
+        """Only a body-less request on a reused connection that got no byte back.
+
+        An upstream may close an idle keep-alive connection just as we reuse
+        it; such a request never reached it and is safe to send again, once.
+        """
+        if self._reused and self.body_framing is None and self._response_head_bytes == 0:
+            self._reused = False
+            return True
+        return False
+
+    def _timed_out(self) -> None:
+        if self.done:
+            return
+        if not self.head_sent:
+            where = f"{self.target.host}:{self.target.port}"  # type: ignore[union-attr]
+            self.fail(
+                UpstreamTimeout(
+                    f"{where} sent no response head within {self.limits.response_timeout:g} s."
+                )
+            )
+        else:
+            self.done = True
+            if self.upstream is not None:
+                self.upstream.abort()
+            self.client.abort()

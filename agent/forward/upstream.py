@@ -1,0 +1,210 @@
+"""Upstream mTLS connections: connecting, pinning, pooling, error mapping.
+
+A connection is made once per (identity, host, port) and reused for as long
+as the upstream keeps it alive, so the TLS handshake is paid once rather than
+per request. Failures of the layer below (socket, DNS, ssl) become the
+agent's own errors in exactly one place, ``connect_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from agent.config import Limits
+from agent.errors import (
+    PinMismatch,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    UpstreamUntrusted,
+)
+from agent.identity import spki_pin
+from agent.keychain import LoadedIdentity
+
+if TYPE_CHECKING:
+    from agent.forward.http import Target
+
+
+class UpstreamUser(Protocol):
+    """What an upstream connection reports to the exchange it serves."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_paused(self, paused: bool) -> None: ...
+
+
+PoolKey = tuple[LoadedIdentity, str, int]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TLS connection to an upstream; serves one exchange at a time."""
+
+    __slots__ = ("closed", "idle_since", "key", "reused", "transport", "user")
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.user: UpstreamUser | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.user is not None:
+            self.user.upstream_data(data)
+        else:  # bytes nobody asked for: the connection can't be trusted again
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        user, self.user = self.user, None
+        if user is not None:
+            user.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.user is not None:
+            self.user.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.user is not None:
+            self.user.upstream_paused(False)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def connect_error(exc: BaseException, where: str, limits: Limits) -> ProxyError:
+    """The wire error for a failure to reach ``where`` (host:port)."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(
+            f"{where} did not complete the connection and TLS handshake within "
+            f"{limits.connect_timeout:g} s."
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or "verification failed"
+        return UpstreamUntrusted(f"The certificate of {where} is not trusted: {reason}.")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        return UpstreamUnreachable(f"The TLS handshake with {where} failed: {reason}.")
+    if isinstance(exc, socket.gaierror):
+        return UpstreamUnreachable(f"The host of {where} could not be resolved.")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamUnreachable(f"{where} refused the connection.")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or type(exc).__name__
+        return UpstreamUnreachable(f"{where} could not be reached: {reason}.")
+    return UpstreamUnreachable(f"{where} could not be reached.")
+
+
+class Pool:
+    """Idle upstream connections by (identity, host, port), newest reused first."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.opened = 0
+
+    def take(self, key: PoolKey) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, loaded: LoadedIdentity, target: Target) -> UpstreamConnection:
+        """A new connection: TCP, the TLS handshake with the client chain, pins."""
+        loop = asyncio.get_running_loop()
+        key = (loaded, target.host, target.port)
+        where = f"{target.host}:{target.port}"
+        try:
+            async with asyncio.timeout(self._limits.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(key),
+                    target.host,
+                    target.port,
+                    ssl=loaded.context,
+                    server_hostname=target.host,
+                    # the outer timeout decides; this only keeps ssl from racing it
+                    ssl_handshake_timeout=self._limits.connect_timeout + 1,
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise connect_error(exc, where, self._limits) from None
+        if loaded.pins:
+            der = conn.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            if spki_pin(der) not in loaded.pins:
+                conn.abort()
+                raise PinMismatch(
+                    f"The public key of {where} matches none of the pins of identity "
+                    f"'{loaded.identity.name}'; nothing was sent."
+                )
+        self.opened += 1
+        return conn
+
+    def put(self, conn: UpstreamConnection) -> None:
+        """Keep a connection whose last exchange ended cleanly, if still wanted."""
+        idle = self._idle.setdefault(conn.key, [])
+        if conn.closed or conn.key[0].retired or len(idle) >= self._limits.pool_max_idle:
+            conn.close()
+            return
+        conn.user = None
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def retire(self, dropped: Iterable[LoadedIdentity]) -> None:
+        """Close the idle connections of identities that were unloaded."""
+        dropped = set(dropped)
+        for key in [k for k in self._idle if k[0] in dropped]:
+            for conn in self._idle.pop(key):
+                conn.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self._limits.pool_idle_timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than the upstream likely keeps them."""
+        self._sweeper = None
+        cutoff = asyncio.get_running_loop().time() - self._limits.pool_idle_timeout
+        for key, idle in list(self._idle.items()):
+            keep = []
+            for conn in idle:
+                if conn.closed or conn.idle_since <= cutoff:
+                    conn.close()
+                else:
+                    keep.append(conn)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._schedule_sweep()

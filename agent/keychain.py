@@ -1,0 +1,198 @@
+"""The unlocked state in memory: which identities are loaded, and locking.
+
+Metadata is read from the vault at start and on reload, so routing knows
+which host has which identity even while locked (and can say "locked"
+rather than "no identity"). Unlocking costs one KDF and one cheap open per
+identity; the vault key is kept while unlocked so that identities imported
+later load on reload without a second passphrase prompt. What the keychain
+holds per identity is an ``ssl.SSLContext``, never the key bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import AgentError, IdentityExpired, Locked, NoIdentityForHost
+from agent.identity import Identity, build_ssl_context
+from agent.routing import Router
+from agent.vault import Vault, VaultKey
+
+
+def read_identities(vault: Vault) -> tuple[dict[str, Identity], dict[str, str]]:
+    """Every stored identity's metadata by name, and why any could not be read.
+
+    Works while locked: only certificates and settings are read, no key.
+    """
+    identities: dict[str, Identity] = {}
+    broken: dict[str, str] = {}
+    for name in vault.names():
+        try:
+            identities[name] = Identity.from_metadata(name, vault.read_metadata(name))
+        except AgentError as exc:
+            broken[name] = exc.message
+    return identities, broken
+
+
+@dataclass(eq=False, slots=True)
+class LoadedIdentity:
+    """An identity ready to present: its metadata and its TLS context.
+
+    Compared by object identity, so a renewed identity (a new object) gets
+    its own upstream connections while requests on the old one finish.
+    """
+
+    identity: Identity
+    context: ssl.SSLContext
+    pins: frozenset[str] = field(default_factory=frozenset)
+    #: Set once the identity is unloaded: its connections are not pooled again.
+    retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UnlockReport:
+    loaded: list[str]
+    broken: dict[str, str]
+
+
+class Keychain:
+    """Loaded identities, the lock state, and routing of hosts to identities."""
+
+    def __init__(self, vault: Vault, scratch_dir: Path) -> None:
+        self._vault = vault
+        self._scratch = scratch_dir
+        self._key: VaultKey | None = None
+        self._identities: dict[str, Identity] = {}
+        self._loaded: dict[str, LoadedIdentity] = {}
+        self._router = Router(())
+        self._expiry: dict[str, float] = {}
+        self.broken: dict[str, str] = {}
+        self.unlocked_at: float | None = None
+        self._unload_listeners: list[Callable[[Iterable[LoadedIdentity]], None]] = []
+        self._refresh_lock = asyncio.Lock()
+        self._generation = 0
+
+    # --- state ---
+
+    @property
+    def locked(self) -> bool:
+        return self._key is None
+
+    @property
+    def identities(self) -> list[Identity]:
+        return list(self._identities.values())
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def on_unload(self, listener: Callable[[Iterable[LoadedIdentity]], None]) -> None:
+        """Be told which loaded identities are dropped (to close their connections)."""
+        self._unload_listeners.append(listener)
+
+    # --- lock and unlock ---
+
+    async def unlock(self, passphrase: str) -> UnlockReport:
+        """Open the vault key and load every identity, off the event loop."""
+        async with self._refresh_lock:
+            key = await asyncio.to_thread(self._vault.unlock_key, passphrase)
+            await self._refresh(key)
+            return UnlockReport(sorted(self._loaded), dict(self.broken))
+
+    def lock(self) -> None:
+        """Forget the vault key and every context; pooled connections close."""
+        self._generation += 1
+        dropped = list(self._loaded.values())
+        self._key = None
+        self._loaded = {}
+        self.broken = {name: r for name, r in self.broken.items() if name not in self._identities}
+        self.unlocked_at = None
+        self._notify(dropped)
+
+    async def reload(self) -> None:
+        """Re-read the vault: load new identities when unlocked, drop gone ones."""
+        async with self._refresh_lock:
+            await self._refresh(self._key)
+
+    async def _refresh(self, key: VaultKey | None) -> None:
+        generation = self._generation
+        keep = dict(self._loaded) if key is self._key else {}
+        identities, loaded, broken = await asyncio.to_thread(self._read, key, keep)
+        if generation != self._generation:
+            return  # locked while we were reading: stay locked
+        dropped = [li for name, li in self._loaded.items() if loaded.get(name) is not li]
+        if key is not None and self._key is None:
+            self.unlocked_at = time.monotonic()
+        self._key = key
+        self._identities = identities
+        self._loaded = loaded
+        self.broken = broken
+        self._router = Router(identities.values())
+        self._expiry = {name: i.not_after.timestamp() for name, i in identities.items()}
+        self._notify(dropped)
+
+    def _read(
+        self, key: VaultKey | None, keep: dict[str, LoadedIdentity]
+    ) -> tuple[dict[str, Identity], dict[str, LoadedIdentity], dict[str, str]]:
+        """Metadata of every identity, and a context for each when a key is given.
+
+        An identity whose metadata or sealed key cannot be read is named in
+        the broken map and does not stop the others.
+        """
+        identities, broken = read_identities(self._vault)
+        loaded: dict[str, LoadedIdentity] = {}
+        if key is not None:
+            for name, identity in identities.items():
+                previous = keep.get(name)
+                if previous is not None and previous.identity == identity:
+                    loaded[name] = previous
+                    continue
+                try:
+                    loaded[name] = self._load(identity, key)
+                except (AgentError, ValueError, ssl.SSLError) as exc:
+                    broken[name] = getattr(exc, "message", str(exc))
+        return identities, loaded, broken
+
+    def _load(self, identity: Identity, key: VaultKey) -> LoadedIdentity:
+        private_key = self._vault.open_key(identity.name, key)
+        context = build_ssl_context(identity, private_key, self._scratch)
+        return LoadedIdentity(identity, context, frozenset(identity.pins))
+
+    def _notify(self, dropped: list[LoadedIdentity]) -> None:
+        for loaded in dropped:
+            loaded.retired = True
+        if dropped:
+            for listener in self._unload_listeners:
+                listener(dropped)
+
+    # --- routing (the data plane's hot path) ---
+
+    def route(self, host: str, port: int) -> LoadedIdentity:
+        """The loaded identity for ``host:port``, or the reason there is none."""
+        candidates = self._router.candidates(host, port)
+        if not candidates:
+            shown = host if port == 443 else f"{host}:{port}"
+            raise NoIdentityForHost(
+                f"No identity is bound to {shown}; import one with "
+                f"'agentctl import NAME FILE.p12 --host {host}'."
+            )
+        identity = candidates[0]
+        if self._key is None:
+            raise Locked()
+        if time.time() >= self._expiry[identity.name]:
+            raise IdentityExpired(
+                f"The identity '{identity.name}' for {host} expired at "
+                f"{identity.not_after.isoformat()}; renew it with 'agentctl renew "
+                f"{identity.name}' or import a new one."
+            )
+        loaded = self._loaded.get(identity.name)
+        if loaded is None:
+            reason = self.broken.get(identity.name, "it is not loaded")
+            raise NoIdentityForHost(
+                f"The identity '{identity.name}' for {host} could not be loaded: {reason}"
+            )
+        return loaded
+
