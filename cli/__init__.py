@@ -1,0 +1,1 @@
+"""agentctl: the thin command line of mtls-agent."""
