@@ -126,11 +126,13 @@ def test_store_never_needs_the_passphrase(vault: Vault, monkeypatch) -> None:
     assert _der(vault.open_key("work", vault.unlock_key(PASSPHRASE))) == _der(key)
 
 
-def test_default_kdf_cost_round_trips(tmp: Path) -> None:
+def test_default_kdf_is_owasp_scrypt_within_32_mib_and_round_trips(tmp: Path) -> None:
     v = Vault(tmp / "vault")
     v.create(PASSPHRASE)
 
-    assert json.loads((tmp / "vault" / "vault.json").read_text())["kdf"]["n"] == 2**17
+    kdf = json.loads((tmp / "vault" / "vault.json").read_text())["kdf"]
+    assert (kdf["n"], kdf["r"], kdf["p"]) == (2**15, 8, 3)
+    assert 128 * kdf["n"] * kdf["r"] <= 32 * 2**20  # scrypt's memory: 128·N·r bytes
     assert isinstance(v.unlock_key(PASSPHRASE), VaultKey)
 
 
