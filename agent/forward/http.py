@@ -73,6 +73,8 @@ def parse_authority(raw: bytes) -> tuple[str, int]:
         if end < 0:
             raise BadRequest("The Host has an unclosed IPv6 bracket.")
         literal, rest = raw[1:end], raw[end + 1 :]
+        if b"%" in literal:  # a zone names an interface of this machine, not a host
+            raise BadRequest("The Host must not carry an IPv6 zone.")
         try:
             host = str(ipaddress.IPv6Address(literal.decode("ascii")))
         except (ValueError, UnicodeDecodeError):

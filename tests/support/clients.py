@@ -70,7 +70,7 @@ def curl(
         check=False,
     )
     status, headers, body = _parse_heads(proc.stdout)
-    return CurlResult(proc.returncode, status, headers, body, proc.stderr.decode("replace"))
+    return CurlResult(proc.returncode, status, headers, body, proc.stderr.decode(errors="replace"))
 
 
 def raw_exchange(socket_path: Path | str, data: bytes, timeout: float = 15) -> bytes:
