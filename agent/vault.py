@@ -79,7 +79,7 @@ import re
 import secrets
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,10 +303,14 @@ class Vault:
         private_key: PrivateKeyTypes,
         *,
         replace: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> None:
         """Seal ``private_key`` to the vault's public key and save it with ``metadata``.
 
         Only the public key is used, so this works while the agent is locked.
+        ``check`` runs under the writer lock, before anything is written: a
+        rule that reads other identities (no two bound to the same host) then
+        holds against concurrent writers too.
         """
         path = self._identity_file(name)
         plaintext = _pkcs8(private_key)
@@ -315,6 +319,8 @@ class Vault:
             self._refuse_case_twin(name)
             if not replace and os.path.lexists(path):
                 raise VaultError(f"an identity named {name!r} already exists ({path}).")
+            if check is not None:
+                check()
             sealed = _seal(plaintext, header.public_key, name)
             doc = {
                 "format": IDENTITY_FORMAT,
@@ -325,11 +331,18 @@ class Vault:
             _make_private_dirs(self._identities)
             _write_atomic(path, _dump(doc))
 
-    def update_metadata(self, name: str, metadata: dict[str, Any]) -> None:
-        """Replace the metadata and keep the sealed key; refuses a corrupt file."""
+    def update_metadata(
+        self, name: str, metadata: dict[str, Any], *, check: Callable[[], None] | None = None
+    ) -> None:
+        """Replace the metadata and keep the sealed key; refuses a corrupt file.
+
+        ``check`` runs under the writer lock, as in ``store``.
+        """
         path = self._identity_file(name)
         with self._writing():
             doc = self._read_identity(name)
+            if check is not None:
+                check()
             doc["metadata"] = metadata
             _write_atomic(path, _dump(doc))
 
