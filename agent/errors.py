@@ -116,6 +116,11 @@ class PeerDenied(ProxyError):
     code = "peer-denied"
     default_message = "This process is not allowed to use the agent."
 
+    def __init__(self, message: str | None = None, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        #: Which rule refused the caller: for the audit log, never for the response.
+        self.reason = reason
+
 
 # --- errors that stay on this machine ---
 
@@ -146,3 +151,31 @@ class BadPassphrase(VaultError):
 
 class AgentNotRunning(AgentError):
     """No agent answers on the control socket."""
+
+
+class KeyringError(AgentError):
+    """The OS keyring is missing, insecure, locked or out of reach (unlock --remember)."""
+
+
+class AuditLogError(AgentError):
+    """The audit log cannot be opened or is not the user's own."""
+
+
+class AttestationError(AgentError):
+    """A caller's executable could not be proven: the process is gone, its pid
+    was reused, or its program cannot be read. Caller rules then refuse."""
+
+
+class EnrollmentError(AgentError):
+    """Enrollment or renewal failed: the server was unreachable or untrusted,
+    refused, or answered something that cannot become this identity."""
+
+
+class EnrollmentPending(EnrollmentError):
+    """The EST server accepted the request but had not issued the certificate
+    within the time allowed; asking again later with the same CSR resumes it."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        #: Seconds the server asked us to wait before asking again.
+        self.retry_after = retry_after

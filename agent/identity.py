@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from agent.errors import IdentityError
+from agent.policy import NO_RULES, CallerRules
 
 #: The private key types a TLS client certificate can use.
 PrivateKey = (
@@ -41,9 +42,22 @@ PrivateKey = (
     | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
 )
+#: Their public halves: what a CSR or a certificate carries.
+PublicKey = (
+    rsa.RSAPublicKey
+    | ec.EllipticCurvePublicKey
+    | ed25519.Ed25519PublicKey
+    | ed448.Ed448PublicKey
+)
 
 METADATA_FORMAT = "mtls-agent-identity"
 METADATA_VERSION = 1
+#: Written instead of 1 when an identity has caller rules, so that an agent too
+#: old to know them refuses the identity rather than serve it to every caller.
+CALLERS_METADATA_VERSION = 2
+#: The metadata of a key sealed for an EST enrollment whose certificate has not
+#: arrived yet (agent.enroll); it is not an identity and is never routed.
+PENDING_FORMAT = "mtls-agent-pending-enrollment"
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -285,14 +299,15 @@ def _public_der(key: Any) -> bytes:
     )
 
 
-def _key_fits(key: PrivateKey, cert: x509.Certificate) -> bool:
+def _key_fits(key: PrivateKey | PublicKey, cert: x509.Certificate) -> bool:
+    public = key.public_key() if isinstance(key, PrivateKey) else key
     try:
-        return _public_der(key.public_key()) == _public_der(cert.public_key())
+        return _public_der(public) == _public_der(cert.public_key())
     except (UnsupportedAlgorithm, ValueError):
         return False
 
 
-def check_key_matches(key: PrivateKey, cert: x509.Certificate) -> None:
+def check_key_matches(key: PrivateKey | PublicKey, cert: x509.Certificate) -> None:
     """Refuse a key that is not the certificate's: TLS would fail much later."""
     if not _key_fits(key, cert):
         raise IdentityError("the private key does not match the certificate")
@@ -302,7 +317,7 @@ def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
     """All certificates of a PEM bundle; text around the blocks is ignored."""
     try:
         return x509.load_pem_x509_certificates(data)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise IdentityError(
             "no readable PEM certificate found (expected -----BEGIN CERTIFICATE-----)"
         ) from None
@@ -316,13 +331,16 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def order_chain(key: PrivateKey, certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+def order_chain(
+    key: PrivateKey | PublicKey, certs: Iterable[x509.Certificate]
+) -> list[x509.Certificate]:
     """Order a bag of certificates as a chain: leaf first, then its issuers.
 
     PKCS#12 and PKCS#7 (EST) give certificates in no defined order. The
     leaf is the certificate of ``key`` (the one valid longest if a renewal
     kept the key); each next one is the certificate that signed the previous.
-    Certificates that are not part of that chain are dropped.
+    Certificates that are not part of that chain are dropped. ``key`` may be
+    the public half alone: a resumed EST enrollment has only its CSR at hand.
     """
     rest = list(dict.fromkeys(certs))
     own = [cert for cert in rest if _key_fits(key, cert)]
@@ -352,6 +370,14 @@ def _looks_like_pfx(data: bytes) -> bool:
     return tag == 0x02 and data[start:end] == b"\x03"
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def load_pkcs12(data: bytes, password: bytes | None) -> tuple[PrivateKey, list[x509.Certificate]]:
     """The key and ordered chain (leaf first) of a PKCS#12 file.
 
@@ -361,6 +387,9 @@ def load_pkcs12(data: bytes, password: bytes | None) -> tuple[PrivateKey, list[x
     ourselves (a readable PFX that will not open means the password failed
     its MAC) and by cryptography's parse-stage wording.
     """
+    if password is not None and (b"\0" in password or not _is_utf8(password)):
+        # cryptography panics on a NUL and raises TypeError on other bytes
+        raise IdentityError("the PKCS#12 password must be UTF-8 text without NUL bytes")
     try:
         bundle = pkcs12.load_pkcs12(data, password)
     except ValueError as exc:
@@ -409,6 +438,8 @@ class Identity:
     min_tls: str = "1.2"
     source: Mapping[str, Any] = field(default_factory=_default_source, hash=False)
     created: str = ""
+    #: Which local processes may use it (agent.policy); none: any the socket admits.
+    callers: CallerRules = NO_RULES
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -425,6 +456,8 @@ class Identity:
             )
         if not isinstance(self.created, str):
             raise IdentityError(f"identity {self.name!r}: 'created' must be an ISO-8601 string")
+        if not isinstance(self.callers, CallerRules):
+            raise IdentityError(f"identity {self.name!r}: 'callers' must be CallerRules")
         # Frozen: normalise through object.__setattr__, once, before anyone sees it.
         assign = functools.partial(object.__setattr__, self)
         assign("chain", chain)
@@ -469,9 +502,9 @@ class Identity:
 
     def to_metadata(self) -> dict[str, Any]:
         """The JSON-safe form the vault stores beside the sealed key."""
-        return {
+        metadata = {
             "format": METADATA_FORMAT,
-            "version": METADATA_VERSION,
+            "version": CALLERS_METADATA_VERSION if self.callers else METADATA_VERSION,
             "chain": [_pem(cert) for cert in self.chain],
             "hosts": [str(host) for host in self.hosts],
             "ca_pem": None if self.ca_pem is None else self.ca_pem.decode("ascii"),
@@ -480,20 +513,40 @@ class Identity:
             "source": copy.deepcopy(dict(self.source)),
             "created": self.created,
         }
+        if self.callers:
+            metadata["callers"] = self.callers.to_metadata()
+        return metadata
 
     @classmethod
     def from_metadata(cls, name: str, data: Any) -> Identity:
         """Rebuild an identity from disk; refuse anything malformed.
 
         Unknown keys are ignored so that a later writer may add optional
-        fields without a version bump; unknown versions are refused.
+        fields without a version bump; unknown versions are refused. A field
+        that restricts use (caller rules) comes with a version instead, so a
+        reader that does not know it refuses the identity, never ignores it.
         """
+        if isinstance(data, dict) and data.get("format") == PENDING_FORMAT:
+            raise IdentityError(
+                f"identity {name!r} is waiting for its EST enrollment to finish (no"
+                f" certificate yet); run the same 'agentctl enroll {name} --est ...' again"
+                f" to resume it, or 'agentctl remove {name}'"
+            )
         if not isinstance(data, dict) or data.get("format") != METADATA_FORMAT:
             raise IdentityError(f"identity {name!r}: not mtls-agent identity metadata")
-        if type(data.get("version")) is not int or data["version"] != METADATA_VERSION:
+        versions = (METADATA_VERSION, CALLERS_METADATA_VERSION)
+        if type(data.get("version")) is not int or data["version"] not in versions:
             raise IdentityError(
                 f"identity {name!r}: metadata version {data.get('version')!r} is not"
-                f" supported (this agent reads version {METADATA_VERSION})"
+                f" supported (this agent reads versions {' and '.join(map(str, versions))})"
+            )
+        callers = NO_RULES
+        if data["version"] == CALLERS_METADATA_VERSION:
+            callers = CallerRules.from_metadata(name, _field(name, data, "callers", dict))
+        elif "callers" in data:  # rules under a version that says there are none: refuse
+            raise IdentityError(
+                f"identity {name!r}: caller rules need metadata version"
+                f" {CALLERS_METADATA_VERSION}, not {data['version']}"
             )
         ca_pem = _field(name, data, "ca_pem", (str, type(None)))
         return cls(
@@ -505,6 +558,7 @@ class Identity:
             min_tls=_field(name, data, "min_tls", str),
             source=_field(name, data, "source", dict),
             created=_field(name, data, "created", str),
+            callers=callers,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -522,6 +576,7 @@ class Identity:
             "min_tls": self.min_tls,
             "source": self.source["kind"],
             "ca": "system" if self.ca_pem is None else "custom",
+            **({"callers": self.callers.to_metadata()} if self.callers else {}),
         }
 
 
@@ -587,6 +642,7 @@ def new_identity(
     pins: Iterable[str] = (),
     min_tls: str = "1.2",
     source: Mapping[str, Any] | None = None,
+    callers: CallerRules = NO_RULES,
 ) -> Identity:
     """A new identity from its parts, checked as a whole; stamped with now."""
     if isinstance(hosts, str):
@@ -603,6 +659,7 @@ def new_identity(
         min_tls=min_tls,
         source=_default_source() if source is None else source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        callers=callers,
     )
 
 

@@ -11,16 +11,22 @@ holds per identity is an ``ssl.SSLContext``, never the key bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import AgentError, IdentityExpired, Locked, NoIdentityForHost
+from agent.errors import AgentError, IdentityExpired, Locked, NoIdentityForHost, PeerDenied
 from agent.identity import Identity, build_ssl_context
+from agent.peer import Caller
+from agent.policy import choose
 from agent.routing import Router
 from agent.vault import Vault, VaultKey
+
+log = logging.getLogger(__name__)
 
 
 def read_identities(vault: Vault) -> tuple[dict[str, Identity], dict[str, str]]:
@@ -69,10 +75,15 @@ class Keychain:
         self._identities: dict[str, Identity] = {}
         self._loaded: dict[str, LoadedIdentity] = {}
         self._router = Router(())
+        #: Names of the identities with caller rules: the only ones routing consults rules for.
+        self._ruled: frozenset[str] = frozenset()
         self._expiry: dict[str, float] = {}
         self.broken: dict[str, str] = {}
         self.unlocked_at: float | None = None
+        #: This unlock's own limit (``agentctl unlock --timeout``), None: the config's.
+        self.unlock_timeout: float | None = None
         self._unload_listeners: list[Callable[[Iterable[LoadedIdentity]], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
         self._refresh_lock = asyncio.Lock()
         self._generation = 0
 
@@ -93,13 +104,25 @@ class Keychain:
         """Be told which loaded identities are dropped (to close their connections)."""
         self._unload_listeners.append(listener)
 
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Be called after every lock, unlock and reload (status, auto-lock timers)."""
+        self._change_listeners.append(listener)
+
     # --- lock and unlock ---
 
-    async def unlock(self, passphrase: str) -> UnlockReport:
-        """Open the vault key and load every identity, off the event loop."""
+    async def unlock(self, passphrase: str, timeout: float | None = None) -> UnlockReport:
+        """Open the vault key and load every identity, off the event loop.
+
+        Every unlock restarts the unlocked time; ``timeout`` (0: no limit)
+        replaces the configured ``max_unlocked`` until the next lock.
+        """
         async with self._refresh_lock:
             key = await asyncio.to_thread(self._vault.unlock_key, passphrase)
             await self._refresh(key)
+            if self._key is key:
+                self.unlocked_at = time.monotonic()
+                self.unlock_timeout = timeout
+            self._changed()
             return UnlockReport(sorted(self._loaded), dict(self.broken))
 
     def lock(self) -> None:
@@ -110,12 +133,15 @@ class Keychain:
         self._loaded = {}
         self.broken = {name: r for name, r in self.broken.items() if name not in self._identities}
         self.unlocked_at = None
+        self.unlock_timeout = None
         self._notify(dropped)
+        self._changed()
 
     async def reload(self) -> None:
         """Re-read the vault: load new identities when unlocked, drop gone ones."""
         async with self._refresh_lock:
             await self._refresh(self._key)
+        self._changed()
 
     async def _refresh(self, key: VaultKey | None) -> None:
         generation = self._generation
@@ -131,6 +157,7 @@ class Keychain:
         self._loaded = loaded
         self.broken = broken
         self._router = Router(identities.values())
+        self._ruled = frozenset(name for name, i in identities.items() if i.callers)
         self._expiry = {name: i.not_after.timestamp() for name, i in identities.items()}
         self._notify(dropped)
 
@@ -161,6 +188,23 @@ class Keychain:
         context = build_ssl_context(identity, private_key, self._scratch)
         return LoadedIdentity(identity, context, frozenset(identity.pins))
 
+    def client_context(self, identity: Identity, trust_pem: bytes | None) -> ssl.SSLContext:
+        """A context presenting ``identity`` to a server that ``trust_pem`` (else
+        the system store) verifies: EST renewal authenticates with the current
+        identity. Needs the agent unlocked; like every context, it holds the
+        key, and the key bytes stay here. Blocking: run it off the event loop.
+        """
+        key = self._key
+        if key is None:
+            raise Locked()
+        private_key = self._vault.open_key(identity.name, key)
+        towards_server = dataclasses.replace(identity, ca_pem=trust_pem, pins=())
+        return build_ssl_context(towards_server, private_key, self._scratch)
+
+    def _changed(self) -> None:
+        for listener in self._change_listeners:
+            listener()
+
     def _notify(self, dropped: list[LoadedIdentity]) -> None:
         for loaded in dropped:
             loaded.retired = True
@@ -170,8 +214,13 @@ class Keychain:
 
     # --- routing (the data plane's hot path) ---
 
-    def route(self, host: str, port: int) -> LoadedIdentity:
-        """The loaded identity for ``host:port``, or the reason there is none."""
+    def route(self, host: str, port: int, caller: Caller | None = None) -> LoadedIdentity:
+        """The loaded identity ``caller`` gets for ``host:port``, or the reason there is none.
+
+        Caller rules are consulted only when the most specific identity has
+        some, so identities without rules cost nothing more. Rules admit no
+        caller that is not given (None): they fail closed.
+        """
         candidates = self._router.candidates(host, port)
         if not candidates:
             shown = host if port == 443 else f"{host}:{port}"
@@ -180,13 +229,18 @@ class Keychain:
                 f"'agentctl import NAME FILE.p12 --host {host}'."
             )
         identity = candidates[0]
+        if self._ruled and identity.name in self._ruled:
+            try:
+                identity = choose(candidates, host, port, caller)
+            except PeerDenied as exc:
+                log.debug("peer-denied: %r for %s:%d: %s", caller, host, port, exc.reason)
+                raise
         if self._key is None:
             raise Locked()
         if time.time() >= self._expiry[identity.name]:
             raise IdentityExpired(
                 f"The identity '{identity.name}' for {host} expired at "
-                f"{identity.not_after.isoformat()}; renew it with 'agentctl renew "
-                f"{identity.name}' or import a new one."
+                f"{identity.not_after.isoformat()}; {_renewal_hint(identity)}."
             )
         loaded = self._loaded.get(identity.name)
         if loaded is None:
@@ -196,3 +250,13 @@ class Keychain:
             )
         return loaded
 
+
+def _renewal_hint(identity: Identity) -> str:
+    """How the user gets a valid certificate again, by where this one came from."""
+    name = identity.name
+    kind = identity.source.get("kind")
+    if kind == "est":
+        return f"renew it with 'agentctl renew {name}' (or enroll again if the server refuses)"
+    if kind == "pkcs12-url":
+        return f"fetch a new one with 'agentctl enroll {name} --p12-url URL ... --replace'"
+    return f"import a new one with 'agentctl import {name} FILE.p12 --host ... --replace'"

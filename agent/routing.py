@@ -45,10 +45,25 @@ class Router:
 
 
 def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:
-    """Sentences naming each host pattern that ``new`` would tie on."""
-    taken = {str(p): i.name for i in existing if i.name != new.name for p in i.hosts}
-    return [
-        f"host pattern '{p}' is already bound to identity '{taken[str(p)]}'"
-        for p in new.hosts
-        if str(p) in taken
-    ]
+    """Sentences naming each host pattern that ``new`` would tie on.
+
+    Two identities may share a pattern when both carry caller rules, and not
+    the same ones: they are meant for different callers, and each request
+    goes to the one whose rules admit its caller (``agent.policy.choose``).
+    """
+    others = [i for i in existing if i.name != new.name]
+    problems = []
+    for pattern in new.hosts:
+        for other in others:
+            if pattern not in other.hosts:
+                continue
+            if not (new.callers and other.callers):
+                why = "; two identities may share a pattern only when both have caller rules"
+            elif new.callers == other.callers:
+                why = " with the same caller rules"
+            else:
+                continue
+            problems.append(
+                f"host pattern '{pattern}' is already bound to identity '{other.name}'{why}"
+            )
+    return problems

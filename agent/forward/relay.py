@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import httptools
 
+from agent.audit import AuditLog
 from agent.config import Limits
 from agent.errors import (
     BadRequest,
@@ -42,7 +44,7 @@ from agent.forward.http import (
 )
 from agent.forward.upstream import Pool, UpstreamConnection
 from agent.keychain import Keychain, LoadedIdentity
-from agent.peer import Peer, peer_of
+from agent.peer import Caller, caller_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ _CONNECTING = 1
 _UPSTREAM_FULL = 2
 _QUEUED = 4
 _UPGRADING = 8
+_REFUSED = 16
 
 # How a response body is framed towards the client.
 _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
@@ -59,8 +62,15 @@ _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 class ProxyServer:
     """Shared state of the proxy socket: routing, the pool, live clients."""
 
-    def __init__(self, keychain: Keychain, limits: Limits, allowed_uids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        keychain: Keychain,
+        limits: Limits,
+        allowed_uids: frozenset[int],
+        audit: AuditLog | None = None,
+    ) -> None:
         self.keychain = keychain
+        self.audit = audit
         self.limits = limits
         self.allowed_uids = allowed_uids
         self.pool = Pool(limits)
@@ -85,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
         self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.peer: Peer | None = None
+        self.caller: Caller | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.timer = Deadline(self.loop, self._timed_out)
         self.closed = False
@@ -99,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._raw_head_bytes = 0
         self._reject: ProxyError | None = None
+        self._client_eof = False
         # exchanges: the one being answered, the ones waiting, the one receiving a body
         self.active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
@@ -108,7 +119,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.peer = peer_of(transport.get_extra_info("socket"))
+        self.caller = caller_of(transport.get_extra_info("socket"))
         self.server.clients.add(self)
         self.timer.set(self.limits.keepalive_idle)
 
@@ -116,8 +127,8 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.transport.write(data)  # type: ignore[union-attr]
             return
-        if self._paused & _UPGRADING:
-            return  # nothing may follow an upgrade request until the upstream answers
+        if self._paused & (_UPGRADING | _REFUSED):
+            return  # nothing may follow an upgrade request, or a refused one
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -127,9 +138,31 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(self._reject or BadRequest(f"The request is malformed: {reason}."))
             return
         if self._in_head:
-            self._raw_head_bytes += len(data)
+            # llhttp holds an unfinished field without calling back, so bound the
+            # raw bytes too: a head that began in this read counts what is parsed
+            # of it; each later read belongs to it whole.
+            if self._raw_head_bytes < 0:
+                self._raw_head_bytes = len(self._url) + self._head_size
+            else:
+                self._raw_head_bytes += len(data)
             if self._raw_head_bytes > self.limits.request_line + self.limits.header_bytes:
                 self._refuse(self._head_too_large())
+
+    def eof_received(self) -> bool:
+        """The client has sent all it will: answer what it asked, then close.
+
+        A client that half-closes after its request (``nc -N``, some scripts)
+        still gets its answer; one that stops mid-head or mid-body is gone.
+        """
+        if (
+            self.active is None
+            or self._in_head
+            or self._receiving is not None
+            or self.tunnel is not None
+        ):
+            return False  # nothing left to answer, a request left unfinished, or a tunnel
+        self._client_eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -158,7 +191,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
-        self._raw_head_bytes = 0
+        self._raw_head_bytes = -1  # counted after this read (see data_received)
         self._in_head = True
         if self.active is None:
             self.timer.set(self.limits.head_timeout)
@@ -232,6 +265,8 @@ class ClientConnection(asyncio.Protocol):
             if not self._queue:
                 self.resume(_QUEUED)
             self.active.start()
+        elif self._client_eof:
+            self.close()
         else:
             idle = self.limits.head_timeout if self._in_head else self.limits.keepalive_idle
             self.timer.set(idle)
@@ -278,24 +313,38 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _refuse(self, error: ProxyError) -> None:
-        """A request we cannot parse: answer (unless another answer is under way), close."""
+        """A request we cannot parse: answer (unless another answer is under way), close.
+
+        A body that breaks its framing after its head went upstream fails its
+        exchange: the upstream connection is aborted, so the upstream never
+        takes the part it got for a whole request.
+        """
         self._in_head = False
+        self.pause(_REFUSED)
+        self._queue.clear()
+        receiving, self._receiving = self._receiving, None
         if self.active is None:
             self.write(error_response(error, close=True))
             self.close()
+        elif receiving is self.active:
+            self.active.close_client = True
+            self.active.fail(error)
         else:  # let the answer in progress finish, then close
-            self.pause(_QUEUED)
-            self._queue.clear()
             self.active.close_client = True
 
     def _upgrade_requested(self, rest: bytes) -> None:
+        """llhttp stops at an upgrade (or CONNECT): nothing after it is HTTP any more."""
         exchange = self.active if not self._queue else self._queue[-1]
-        if exchange is not None and exchange.upgrade is not None and exchange.error is None:
+        if exchange is None or exchange.done:
+            # already answered with an error: llhttp would read no further request
+            # on this connection, so a client waiting for one must not wait in vain
+            self.close()
+            return
+        if exchange.upgrade is not None and exchange.error is None:
             exchange.upgrade_bytes = rest
-            self.pause(_UPGRADING)
-        elif exchange is not None:  # e.g. CONNECT: its error answer ends the connection
+        else:  # e.g. CONNECT: its error answer ends the connection
             exchange.close_client = True
-            self.pause(_UPGRADING)
+        self.pause(_UPGRADING)
 
     def _timed_out(self) -> None:
         # idle keep-alive, or a head that did not arrive in time: just close
@@ -324,33 +373,45 @@ class Exchange:
         self.pending: list[bytes] = []
         self.request_done = False
         self.loaded: LoadedIdentity | None = None
+        self.started = time.monotonic()
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._audited = False
         self.upstream: UpstreamConnection | None = None
         self.deadline = Deadline(client.loop, self._timed_out)
         self.done = False
         self.head_sent = False
         self._connect_task: asyncio.Task[None] | None = None
         self._reused = False
+        self._pooled: UpstreamConnection | None = None
         # the response being relayed
         self.response: httptools.HttpResponseParser | None = None
         self._status_reason = b""
         self._response_headers: Headers = []
         self._response_in_head = True
         self._response_head_bytes = 0
+        self._response_fields_bytes = 0
         self._interim = False
         self._framing = _NO_BODY
         self._upstream_until_close = False
         self._response_trailers: Headers = []
+        self._body_started = False
         try:
             self._check(url, headers)
         except ProxyError as exc:
             self.error = exc
+            if isinstance(exc, BadRequest):
+                self.close_client = True  # what follows a malformed head is not trusted
 
     # --- request side ---
 
     def _check(self, url: bytes, headers: Headers) -> None:
         client = self.client
-        if client.peer is None or client.peer.uid not in self.server.allowed_uids:
-            raise PeerDenied()
+        caller = client.caller
+        if caller is None or caller.uid not in self.server.allowed_uids:
+            who = "an unknown process" if caller is None else f"uid {caller.uid}"
+            raise PeerDenied(reason=f"{who} is not let in on the proxy socket (proxy.allow_uids)")
         if self.client.parser.get_http_version() not in ("1.0", "1.1"):
             raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
         host = check_request_headers(headers)
@@ -360,7 +421,11 @@ class Exchange:
         for name, value in headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
-                framing = b"chunked"  # llhttp refuses any request coding but a final chunked
+                # llhttp lets "gzip, chunked" through: relayed as plain chunks, the
+                # upstream would take gzip bytes for the body itself
+                if value.strip().lower() != b"chunked":
+                    raise BadRequest("Only the chunked transfer coding is accepted on requests.")
+                framing = b"chunked"
             elif lower == b"content-length" and framing is None:
                 framing = value
             elif lower == b"upgrade":
@@ -379,7 +444,9 @@ class Exchange:
             return
         assert self.target is not None
         try:
-            self.loaded = self.server.keychain.route(self.target.host, self.target.port)
+            self.loaded = self.server.keychain.route(
+                self.target.host, self.target.port, self.client.caller
+            )
         except ProxyError as exc:
             self.fail(exc)
             return
@@ -429,11 +496,16 @@ class Exchange:
         if self.pending:
             transport.writelines(self.pending)
             self.pending = []
-        self.deadline.set(self.limits.response_timeout)
+            self._body_started = True
+        if self.request_done or not self._body_started:
+            self.deadline.set(self.limits.response_timeout)
+        else:
+            self.deadline.set(self.limits.body_idle_timeout)
         if self.client._writing_paused:
             transport.pause_reading()
 
     def request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self.done:
             return  # already answered (an error): the rest of the body is dropped
         parts = chunk(data) if self.body_framing == b"chunked" else (data,)
@@ -441,11 +513,17 @@ class Exchange:
             self.pending.extend(parts)
         else:
             self.upstream.transport.writelines(parts)  # type: ignore[union-attr]
-            self.deadline.set(self.limits.response_timeout)
+            if not self.head_sent:
+                self._body_started = True
+                self.deadline.set(self.limits.body_idle_timeout)
 
     def request_complete(self) -> None:
         self.request_done = True
-        if self.done or self.body_framing != b"chunked":
+        if self.done:
+            return
+        if self.upstream is not None and not self.head_sent:
+            self.deadline.set(self.limits.response_timeout)
+        if self.body_framing != b"chunked":
             return
         end = last_chunk(self.trailers)
         if self.upstream is None:
@@ -459,13 +537,6 @@ class Exchange:
         if self.client.tunnel is not None:
             self.client.write(data)
             return
-        if self._response_in_head:
-            self._response_head_bytes += len(data)
-            if self._response_head_bytes > self.limits.upstream_head_bytes:
-                self._bad_response(
-                    f"The upstream's response head exceeds {self.limits.upstream_head_bytes} bytes."
-                )
-                return
         try:
             self.response.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as upgrade:
@@ -473,8 +544,24 @@ class Exchange:
                 self._bad_response("The upstream switched protocols without being asked to.")
             else:
                 self._switch_protocols(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError:
             self._bad_response("The upstream answered something that is not valid HTTP/1.1.")
+            return
+        if self._response_in_head and not self.done:
+            # as for requests: a head that began in this read counts its parsed
+            # fields, each later read belongs to it whole
+            if self._response_head_bytes < 0:
+                self._response_head_bytes = self._response_fields_bytes
+            else:
+                self._response_head_bytes += len(data)
+            if self._response_head_bytes > self.limits.upstream_head_bytes:
+                self._response_head_too_large()
+
+    def _response_head_too_large(self) -> None:
+        self._bad_response(
+            f"The upstream's response head exceeds {self.limits.upstream_head_bytes} bytes."
+        )
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
@@ -492,6 +579,7 @@ class Exchange:
         elif self._upstream_until_close and exc is None:
             self._complete()
         else:  # cut short upstream: cut short to the client too
+            self._audit(None)
             self.done = True
             self.deadline.cancel()
             self.client.abort()
@@ -505,10 +593,15 @@ class Exchange:
     # --- llhttp callbacks (response) ---
 
     def on_message_begin(self) -> None:
+        if self.done and self._pooled is not None:
+            # a second answer to one request: that connection is out of step
+            self._pooled.close()
+            self._pooled = None
         self._status_reason = b""
         self._response_headers = []
         self._response_in_head = True
-        self._response_head_bytes = 0
+        self._response_head_bytes = -1  # counted after this read (see upstream_data)
+        self._response_fields_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._status_reason += reason
@@ -516,13 +609,17 @@ class Exchange:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response_in_head:
             self._response_headers.append((name, value))
+            self._response_fields_bytes += len(name) + len(value) + 4
         else:
             self._response_trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._response_in_head = False
         if self.done:
             return
-        self._response_in_head = False
+        if self._response_fields_bytes > self.limits.upstream_head_bytes:
+            self._response_head_too_large()
+            return
         status = self.response.get_status_code()  # type: ignore[union-attr]
         if status == 101 and self.upgrade is not None:
             return  # the switch happens once llhttp hands back the rest
@@ -539,6 +636,7 @@ class Exchange:
     def on_body(self, body: bytes) -> None:
         if self.done:
             return
+        self.bytes_out += len(body)
         if self._framing == _CHUNKED:
             self.client.transport.writelines(chunk(body))  # type: ignore[union-attr]
         else:
@@ -554,6 +652,7 @@ class Exchange:
     # --- answering ---
 
     def _send_response_head(self, status: int) -> None:
+        self.status = status
         length = None
         chunked = False
         for name, value in self._response_headers:
@@ -606,14 +705,17 @@ class Exchange:
                 if self.client._writing_paused:
                     conn.transport.resume_reading()  # type: ignore[union-attr]
                 self.server.pool.put(conn)
+                self._pooled = conn
             else:
                 conn.close()
+        self._audit(None)
         self.client.exchange_done(self, self.close_client)
 
     def fail(self, error: ProxyError) -> None:
         """Answer with the agent's own error, or cut the client off mid-answer."""
         if self.done:
             return
+        self._audit(error)
         self.done = True
         self.deadline.cancel()
         conn, self.upstream = self.upstream, None
@@ -628,6 +730,7 @@ class Exchange:
         self.client.exchange_done(self, close)
 
     def client_gone(self) -> None:
+        self._audit(None)
         self.done = True
         self.deadline.cancel()
         if self._connect_task is not None:
@@ -636,6 +739,27 @@ class Exchange:
         if conn is not None:
             conn.user = None
             conn.abort()
+
+    def _audit(self, error: ProxyError | None) -> None:
+        """One audit line per exchange, however it ends (the first call wins)."""
+        audit = self.server.audit
+        if audit is None or self._audited:
+            return
+        self._audited = True
+        target = self.target
+        audit.request(
+            identity=None if self.loaded is None else self.loaded.identity.name,
+            method=self.method,
+            host=None if target is None else target.host,
+            port=None if target is None else target.port,
+            path=None if target is None else target.path,
+            status=error.status if error is not None and not self.head_sent else self.status,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration=time.monotonic() - self.started,
+            caller=self.client.caller,
+            error=error,
+        )
 
     def _bad_response(self, message: str) -> None:
         self.fail(UpstreamBadResponse(message))
@@ -665,7 +789,15 @@ class Exchange:
     def _timed_out(self) -> None:
         if self.done:
             return
-        if not self.head_sent:
+        if not self.head_sent and self._body_started and not self.request_done:
+            # the client stopped sending its body: the upstream is not to blame, and
+            # must not take the part it got for a whole request
+            self._audit(None)
+            self.done = True
+            if self.upstream is not None:
+                self.upstream.abort()
+            self.client.close()
+        elif not self.head_sent:
             where = f"{self.target.host}:{self.target.port}"  # type: ignore[union-attr]
             self.fail(
                 UpstreamTimeout(
@@ -673,6 +805,7 @@ class Exchange:
                 )
             )
         else:
+            self._audit(None)
             self.done = True
             if self.upstream is not None:
                 self.upstream.abort()

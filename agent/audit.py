@@ -1,0 +1,350 @@
+"""The audit log: who used which identity for what, and every change of state.
+
+One JSON object per line in platformdirs' log folder
+(``$XDG_STATE_HOME/mtls-agent/log/audit.jsonl`` on Linux), mode 0600,
+rotated by size. Each forwarded request gets a line (time, identity, method,
+host, port, path without its query, status, body bytes each way, duration,
+and the caller's pid, uid, gid and executable), and so does each unlock,
+failed unlock, lock, import, removal, renewal and rule change. What is never
+written: a query string, a header, a body, a passphrase, a token, a key.
+
+The data plane calls ``AuditLog.request`` once per request, so that call
+only appends a tuple to a queue. A writer thread encodes and appends the
+lines in batches, every ``flush_interval`` (0.1 s) or sooner when many
+wait; it never fsyncs. A disk that stalls cannot stall the relay: past
+``max_pending`` waiting lines, new ones are counted and dropped, and the
+count is written as soon as the disk takes lines again.
+
+``agentctl`` writes its own events (import, removal, rule changes) with
+``append_event``, one ``O_APPEND`` write each, into the same file; only the
+agent rotates it, and the agent reopens the file when it was moved away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AuditLogError
+from agent.peer import exe_path
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.1
+#: Waiting lines that wake the writer before its interval is up.
+BATCH_LINES = 1024
+#: Waiting lines past which new ones are dropped (and counted) instead.
+MAX_PENDING = 100_000
+#: Longer paths are cut: an audit line is not where a 64 KiB URL belongs.
+MAX_PATH_CHARS = 2048
+CLOSE_TIMEOUT = 5.0
+
+
+def request_path(path: bytes | str | None) -> str | None:
+    """The path of a request-target as the audit log keeps it: no query, no fragment.
+
+    Queries carry tokens and personal data often enough that none is kept.
+    An absolute-form target keeps only its path.
+    """
+    if path is None:
+        return None
+    text = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+    text = text.split("?", 1)[0].split("#", 1)[0]
+    if "://" in text:
+        rest = text.split("://", 1)[1]
+        text = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+    return text[:MAX_PATH_CHARS]
+
+
+def _timestamp(when: float) -> str:
+    return (
+        datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def _caller_fields(caller: Any) -> dict[str, Any]:
+    if caller is None:
+        return {"pid": None, "uid": None, "gid": None, "exe": None}
+    exe = getattr(caller, "exe", None)  # a bare Peer (the agent itself) has none
+    return {"pid": caller.pid, "uid": caller.uid, "gid": caller.gid, "exe": exe}
+
+
+def _line(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def encode_event(when: float, kind: str, caller: Any, fields: dict[str, Any]) -> bytes:
+    """One line for an event: its time and kind, its fields, then who caused it."""
+    return _line({"time": _timestamp(when), "event": kind, **fields, **_caller_fields(caller)})
+
+
+def _encode_request(when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
+    identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
+    doc: dict[str, Any] = {
+        "time": _timestamp(when),
+        "event": "request",
+        "identity": identity,
+        "method": method.decode("ascii", "replace") if isinstance(method, bytes) else method,
+        "host": host,
+        "port": port,
+        "path": request_path(path),
+        "status": status,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": round(duration * 1000, 3),
+        **_caller_fields(caller),
+        "error": None if error is None else getattr(error, "code", type(error).__name__),
+    }
+    reason = getattr(error, "reason", None)
+    if reason:
+        doc["reason"] = reason
+    return _line(doc)
+
+
+def identity_fields(identity: Any) -> dict[str, Any]:
+    """What an import, enrollment or renewal line says about the identity stored."""
+    fields = {
+        "identity": identity.name,
+        "subject": identity.subject,
+        "serial": identity.serial,
+        "fingerprint_sha256": identity.fingerprint,
+        "hosts": [str(host) for host in identity.hosts],
+        "source": identity.source.get("kind"),
+    }
+    if identity.callers:
+        fields["callers"] = identity.callers.to_metadata()
+    return fields
+
+
+def _make_private_dirs(folder: Path) -> None:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(made, 0o700)
+
+
+def open_log_file(path: Path) -> int:
+    """Open ``path`` for appending, creating it (and its folders) private.
+
+    Refuses a symlink and a file it cannot make 0600 (another user's).
+    """
+    try:
+        _make_private_dirs(path.parent)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise AuditLogError(f"cannot open the audit log {path}: {exc.strerror or exc}.") from None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            raise AuditLogError(f"the audit log {path} belongs to another user; remove it.")
+        os.fchmod(fd, 0o600)
+    except OSError as exc:
+        os.close(fd)
+        raise AuditLogError(f"cannot open the audit log {path}: {exc.strerror or exc}.") from None
+    except AuditLogError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def append_event(path: Path, kind: str, **fields: Any) -> None:
+    """Append one event line now, caused by this process (``agentctl``'s way in)."""
+    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(), "exe": exe_path(os.getpid())}
+    line = _line({"time": _timestamp(time.time()), "event": kind, **fields, **me})
+    fd = open_log_file(path)
+    try:
+        _write_all(fd, line)
+    finally:
+        os.close(fd)
+
+
+class AuditLog:
+    """The agent's audit log writer (see the module docstring for its contract)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        keep: int,
+        flush_interval: float = FLUSH_INTERVAL,
+        batch_lines: int = BATCH_LINES,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self.path = Path(path)
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._interval = flush_interval
+        self._batch = batch_lines
+        self._max_pending = max_pending
+        self._fd = open_log_file(self.path)
+        self._size = os.fstat(self._fd).st_size
+        self._pending: deque[Any] = deque()
+        self._wake = threading.Event()  # lines wait
+        self._hurry = threading.Event()  # many lines wait, or closing
+        self._closing = False
+        self._dropped = 0  # lines refused at the queue; written by the producers only
+        self._dropped_seen = 0  # how many of those the writer has accounted for
+        self._lost = 0  # lines not yet reported as lost; written by the writer only
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
+        self._thread.start()
+
+    # --- producers (the event loop) ---
+
+    def request(
+        self,
+        *,
+        identity: str | None,
+        method: bytes | str,
+        host: str | None,
+        port: int | None,
+        path: bytes | str | None,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        caller: Any,
+        error: BaseException | None = None,
+    ) -> None:
+        """Log one answered request; costs a tuple and a queue append.
+
+        ``bytes_in`` is the request body received from the caller,
+        ``bytes_out`` the response body sent back to it; ``duration`` is in
+        seconds; ``error`` is the agent's own error when it answered itself
+        (its ``reason``, for a denied caller, names the rule that refused).
+        """
+        fields = (identity, method, host, port, path, status, bytes_in, bytes_out, duration, error)
+        self._put((time.time(), None, caller, fields))
+
+    def event(self, kind: str, caller: Any = None, **fields: Any) -> None:
+        """Log an event (``unlock``, ``lock``, ``renew``...) with JSON-safe fields."""
+        self._put((time.time(), kind, caller, fields))
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        pending = self._pending
+        if len(pending) >= self._max_pending or self._closing:
+            self._dropped += 1
+            return
+        pending.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
+        if len(pending) >= self._batch:
+            self._hurry.set()
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """Wait until every line logged so far is written; False on timeout."""
+        done = threading.Event()
+        self._pending.append(done)
+        self._wake.set()
+        self._hurry.set()
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Write what waits, stop the writer, close the file."""
+        if self._closing:
+            return
+        self.flush()
+        self._closing = True
+        self._wake.set()
+        self._hurry.set()
+        self._thread.join(CLOSE_TIMEOUT)
+        if not self._thread.is_alive():
+            os.close(self._fd)
+
+    # --- the writer thread ---
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._wake.wait()
+            self._wake.clear()
+            if self._hurry.wait(self._interval):
+                self._hurry.clear()
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        items = []
+        pending = self._pending
+        while pending:
+            items.append(pending.popleft())
+        lines = []
+        flushed = []
+        for item in items:
+            if isinstance(item, threading.Event):
+                flushed.append(item)
+                continue
+            when, kind, caller, fields = item
+            try:
+                if kind is None:
+                    lines.append(_encode_request(when, caller, fields))
+                else:
+                    lines.append(encode_event(when, kind, caller, fields))
+            except (TypeError, ValueError) as exc:  # a field that is not JSON: a bug, not a crash
+                log.error("audit line for %s not written: %s", kind or "request", exc)
+        dropped, self._dropped_seen = self._dropped - self._dropped_seen, self._dropped
+        self._lost += dropped
+        if self._lost:
+            lines.append(encode_event(time.time(), "audit-dropped", None, {"lines": self._lost}))
+        if lines:
+            self._write(b"".join(lines), len(lines) - (1 if self._lost else 0))
+        for done in flushed:
+            done.set()
+
+    def _write(self, data: bytes, count: int) -> None:
+        """Append ``count`` lines (plus any report of lost ones); on failure, count them lost."""
+        try:
+            self._follow_moves()
+            if self._size and self._size + len(data) > self._max_bytes:
+                self._rotate()
+            _write_all(self._fd, data)
+        except (OSError, AuditLogError) as exc:
+            if not self._failing:
+                log.warning("cannot write the audit log %s: %s", self.path, exc)
+                self._failing = True
+            self._lost += count
+            return
+        self._size += len(data)
+        self._lost = 0
+        self._failing = False
+
+    def _follow_moves(self) -> None:
+        """Reopen when the file was removed or renamed (logrotate, a user)."""
+        mine = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            self._reopen()
+
+    def _rotate(self) -> None:
+        """audit.jsonl → .1 → .2 …; the oldest beyond ``keep`` is dropped."""
+        for n in range(self._keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._reopen()
+
+    def _reopen(self) -> None:
+        fd = open_log_file(self.path)
+        os.close(self._fd)
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
