@@ -89,6 +89,11 @@ class Limits:
     pool_max_idle: int = _setting(_positive_int, 64, "limits.pool_max_idle")
     listen_backlog: int = _setting(_positive_int, 1024, "limits.listen_backlog")
     control_body_bytes: int = _setting(_positive_int, 64 * 1024, "limits.control_body_bytes")
+    # a failed unlock is answered after this delay, doubled per failure in a row, up to the max
+    failed_unlock_delay: float = _setting(_positive_duration, 0.1, "limits.failed_unlock_delay")
+    failed_unlock_delay_max: float = _setting(
+        _positive_duration, 10.0, "limits.failed_unlock_delay_max"
+    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,12 @@ class Config:
     max_unlocked: float = _setting(parse_duration, 0.0, "max_unlocked")
     lock_on_suspend: bool = _setting(_boolean, True, "lock_on_suspend")
     lock_on_session_lock: bool = _setting(_boolean, True, "lock_on_session_lock")
+    renewal_check_interval: float = _setting(_positive_duration, 60.0, "renewal_check_interval")
+    renewal_retry_initial: float = _setting(_positive_duration, 60.0, "renewal_retry_initial")
+    renewal_retry_max: float = _setting(_positive_duration, 3600.0, "renewal_retry_max")
     proxy_allow_uids: tuple[int, ...] = _setting(_uid_list, (), "proxy.allow_uids")
+    audit_max_bytes: int = _setting(_positive_int, 10 * 1024 * 1024, "audit.max_bytes")
+    audit_keep: int = _setting(_positive_int, 5, "audit.keep")
     limits: Limits = field(default_factory=Limits)
 
 
@@ -141,6 +151,7 @@ def _build(cls: type, raw: dict[str, Any], text: str, where: str) -> Any:
 _KNOWN_KEYS = {
     "": {k for f in fields(Config) if "." not in (k := f.metadata.get("key", "."))},
     "proxy": {"allow_uids"},
+    "audit": {"max_bytes", "keep"},
     "limits": {f.metadata["key"].split(".", 1)[1] for f in fields(Limits)},
 }
 

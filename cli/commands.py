@@ -15,11 +15,15 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.errors import AgentError, AgentNotRunning, IdentityError
+from agent.errors import AgentError, AgentNotRunning, IdentityError, KeyringError
 from agent.paths import SOCK_ENV, client_sockets, default_paths
 from cli import prompt, render
 from cli.control_client import UNLOCK_TIMEOUT, ControlClient, ControlError
+
+if TYPE_CHECKING:
+    from agent.identity import Identity
 
 
 def _vault():  # type: ignore[no-untyped-def]
@@ -50,6 +54,16 @@ def _reload_agent() -> None:
         _warn(f"the vault changed, but the running agent did not reload it: {exc.message}")
 
 
+def _audit(kind: str, **fields: object) -> None:
+    """Append an event (import, removal, rule change) to the audit log; warn on failure."""
+    from agent.audit import append_event
+
+    try:
+        append_event(default_paths().audit_log, kind, **fields)
+    except AgentError as exc:
+        _warn(f"the audit log was not written: {exc.message}")
+
+
 def _read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -76,8 +90,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from agent.audit import identity_fields
     from agent.enroll import import_pkcs12
     from agent.vault import check_name
+    from cli.policy import caller_rules_from
 
     check_name(args.name)
     vault = _vault()
@@ -87,6 +103,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise AgentError(
             f"an identity named '{args.name}' already exists; use --replace to overwrite it."
         )
+    callers = caller_rules_from(args)
     data = _read_file(args.file, "the PKCS#12 file")
     ca_pem = None if args.ca is None else _read_file(args.ca, "the CA bundle")
     password: bytes | None
@@ -109,9 +126,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             min_tls=args.min_tls,
             source={"kind": "pkcs12-file"},
             replace=args.replace,
+            callers=callers,
         )
     except IdentityError as exc:
         raise IdentityError(f"cannot import {args.file}: {render.sentence(exc.message)}") from None
+    _audit("import", **identity_fields(identity))
     _say(render.imported_line(identity))
     if identity.expired():
         _warn(f"note: the certificate of '{identity.name}' has already expired")
@@ -130,6 +149,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     identities, broken = read_identities(vault)
     loaded: set[str] = set()
     agent_broken: dict[str, str] = {}
+    renewal: dict[str, object] = {}
     try:
         answer = _control().get("/v1/identities")
     except AgentNotRunning:
@@ -141,7 +161,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         reported = answer.get("broken")
         if isinstance(reported, dict):
             agent_broken = {n: str(r) for n, r in reported.items() if n in identities}
-    rows = render.list_json(identities.values(), broken, loaded, agent_broken)
+        if isinstance(answer.get("renewal"), dict):
+            renewal = answer["renewal"]
+    next_renewal = _next_renewals(identities, renewal)
+    rows = render.list_json(identities.values(), broken, loaded, agent_broken, next_renewal)
     if args.json:
         _say(render.to_json(rows))
     else:
@@ -149,17 +172,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _next_renewals(
+    identities: dict[str, Identity], agent_report: dict[str, object]
+) -> dict[str, str]:
+    """When each EST identity renews: the running agent's schedule (jitter and
+    retries included), else the nominal two thirds of its lifetime."""
+    if not any(i.source.get("kind") == "est" for i in identities.values()):
+        return {}  # spare the import of the enrollment stack
+    from datetime import UTC, datetime
+
+    from agent.renewal import renewable, renewal_due
+
+    times: dict[str, str] = {}
+    for name, identity in identities.items():
+        if not renewable(identity):
+            continue
+        report = agent_report.get(name)
+        scheduled = report.get("next_renewal") if isinstance(report, dict) else None
+        if isinstance(scheduled, str):
+            times[name] = scheduled
+        else:
+            times[name] = datetime.fromtimestamp(renewal_due(identity), UTC).isoformat()
+    return times
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     control = _control()
     control.get("/v1/status")  # no agent: say so before asking for anything
+    backend = None
+    if args.remember:  # an insecure keyring is refused before the passphrase is even asked
+        from agent.remember import secure_backend
+
+        backend = secure_backend()
     if args.passphrase_file is not None:
         passphrase = prompt.read_passphrase_file(args.passphrase_file)
     else:
         passphrase = prompt.ask("Vault passphrase: ", "passphrase", "--passphrase-file")
         if not passphrase:
             raise AgentError("the passphrase is empty.")
+    body: dict[str, object] = {"passphrase": passphrase}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
     try:
-        answer = control.post("/v1/unlock", {"passphrase": passphrase}, timeout=UNLOCK_TIMEOUT)
+        answer = control.post("/v1/unlock", body, timeout=UNLOCK_TIMEOUT)
     except ControlError as exc:
         if exc.code == "bad-passphrase":
             raise AgentError("wrong passphrase.") from None
@@ -169,6 +224,31 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     broken = answer.get("broken") or {}
     for name, reason in sorted(broken.items()):
         _warn(f"identity '{name}' was not loaded: {reason}")
+    if backend is not None:
+        _remember(passphrase, backend)
+    return 0
+
+
+def _remember(passphrase: str, backend: str) -> None:
+    from agent.remember import describe, store
+
+    try:
+        store(default_paths().vault_dir, passphrase, backend)
+    except KeyringError as exc:
+        raise KeyringError(
+            f"the agent is unlocked, but the passphrase was not remembered: {exc.message}"
+        ) from None
+    _say(f"remembered the passphrase in {describe(backend)}: the agent unlocks itself at start")
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from agent.remember import describe, forget
+
+    backend = forget(default_paths().vault_dir)
+    if backend is None:
+        _say("no passphrase is remembered for this vault")
+    else:
+        _say(f"removed the passphrase from {describe(backend)}: the agent will start locked")
     return 0
 
 
@@ -204,6 +284,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     vault = _vault()
     vault.remove(args.name)
+    _audit("remove", identity=args.name)
     _say(f"removed {args.name}")
     _reload_agent()
     return 0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent import __version__
 from agent.errors import AgentError
-from cli import commands, render
+from cli import background, commands, enroll, log, policy, render, service
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -24,7 +24,7 @@ EXIT_INTERRUPTED = 130
 
 #: Options a user may reach for to pass a secret; refused before argparse echoes them.
 _SECRET_OPTIONS = frozenset(
-    {"--passphrase", "--password", "--pass", "--p12-password", "--pw", "--secret"}
+    {"--passphrase", "--password", "--pass", "--p12-password", "--pw", "--secret", "--token"}
 )
 
 _SECRETS_NOTE = (
@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the PKCS#12 password from PATH ('-': standard input)",
     )
     p.add_argument("--replace", action="store_true", help="overwrite an identity of the same name")
+    policy.add_caller_rule_flags(p)
     p.set_defaults(run=commands.cmd_import)
+
+    _enrollment_commands(command)
 
     p = command(
         "list",
@@ -117,10 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
         "unlock the running agent",
         "Send the vault passphrase to the running agent, which loads every identity. "
         "Identities that cannot be loaded are named on standard error; the exit status "
-        "is 0 as long as the passphrase was right.",
+        "is 0 as long as the passphrase was right. With --remember the passphrase is also "
+        "kept in the OS keyring (macOS Keychain, Secret Service on Linux) and the agent "
+        "unlocks itself whenever it starts; where only an insecure keyring exists, "
+        "--remember refuses before anything is sent.",
     )
     _passphrase_file(p)
+    p.add_argument(
+        "--remember",
+        action="store_true",
+        help="keep the passphrase in the OS keyring: the agent unlocks itself at start "
+        "('agentctl forget' undoes it)",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_duration,
+        help="lock again after this long, busy or not (like 30m or 8h; 0: never), "
+        "instead of the configured max_unlocked, for this unlock only",
+    )
     p.set_defaults(run=commands.cmd_unlock)
+
+    p = command(
+        "forget",
+        "remove the remembered passphrase from the OS keyring",
+        "Remove the vault passphrase that 'unlock --remember' stored in the OS keyring; "
+        "the agent then starts locked. Does not lock a running agent.",
+    )
+    p.set_defaults(run=commands.cmd_forget)
 
     p = command(
         "lock",
@@ -148,13 +175,179 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.cmd_env)
 
     p = command(
+        "start",
+        "run the agent in the background (without a service manager)",
+        "Start mtls-agent detached from the terminal (its output goes to agent.log in the "
+        "log folder), wait until its sockets answer, and print the sh lines that point "
+        'clients at it, as ssh-agent does: eval "$(agentctl start)". If an agent is '
+        "already running, print its lines and start nothing. With a service manager, use "
+        "'agentctl service install' instead.",
+    )
+    p.set_defaults(run=background.cmd_start)
+
+    p = command(
+        "stop",
+        "stop the running agent",
+        "Stop the running agent cleanly (SIGTERM: keys dropped, connections closed, its "
+        "sockets removed) and wait until it is gone. An agent started by a service manager "
+        "is started again by it on the next connection.",
+    )
+    p.set_defaults(run=background.cmd_stop)
+
+    p = command(
+        "service",
+        "install, remove or inspect the user service (systemd, launchd)",
+        "Run the agent as a user service with socket activation: systemd user units on "
+        "Linux, a LaunchAgent on macOS.",
+    )
+    service.add_service_arguments(p)
+    p.set_defaults(run=service.cmd_service)
+
+    p = command(
         "remove",
         "remove an identity from the vault",
         "Delete an identity from the vault; a running agent unloads it.",
     )
     p.add_argument("name", metavar="NAME")
     p.set_defaults(run=commands.cmd_remove)
+
+    p = command(
+        "policy",
+        "show or change which processes may use an identity",
+        "Show an identity's caller rules, or replace them with the --allow-* rules given "
+        "(--clear removes them all). A running agent applies the change at once.",
+    )
+    policy.add_arguments(p)
+    p.set_defaults(run=policy.cmd_policy)
+
+    p = command(
+        "log",
+        "show the audit log",
+        "Print the audit log: one entry per forwarded request (time, identity, method, host, "
+        "path without its query, status, body bytes each way, duration, and the calling "
+        "process's pid, uid and executable) and per unlock, failed unlock, lock, import, "
+        "removal, renewal and rule change. No secret, header value or query string is ever "
+        "written to it.",
+    )
+    log.add_arguments(p)
+    p.set_defaults(run=log.cmd_log)
     return parser
+
+
+def _enrollment_commands(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    """``enroll`` (PKCS#12 from a registration service, or EST) and ``renew``."""
+    p = command(
+        "enroll",
+        "get an identity from a registration service or an EST server",
+        "Get an identity from a server and store it like 'import'. With --p12-url: fetch "
+        "a PKCS#12 file over verified TLS, sending the token (--token-file, else asked) "
+        "only to a server that passes --ca and --pin. With --est: make the key here "
+        "(sealed in the vault before the request is sent), send only a certificate request "
+        "to the EST server (RFC 7030), and store the certificate; while the server answers "
+        "'not yet' (202) the request is sent again, up to --wait seconds, and running the "
+        "same command later resumes it. EST identities are renewed by the agent at two "
+        "thirds of their lifetime. Works whether the agent is locked, unlocked or not running.",
+    )
+    p.add_argument("name", metavar="NAME", help="the identity's name (letters, digits, . _ -)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--p12-url", metavar="URL", help="https URL of the PKCS#12 file")
+    source.add_argument(
+        "--est", metavar="URL", help="the EST server, like https://ca.example.com/.well-known/est"
+    )
+    p.add_argument(
+        "--host",
+        metavar="PATTERN",
+        action="append",
+        required=True,
+        help="a host this identity is presented to (repeat for several)",
+    )
+    p.add_argument("--ca", metavar="CA.pem", help="trust only these CAs for the enrollment "
+                   "server (default: the system trust store)")  # fmt: skip
+    p.add_argument(
+        "--pin",
+        metavar="sha256//B64",
+        action="append",
+        default=[],
+        help="refuse an enrollment server whose public key does not match (repeatable); "
+        "checked before anything is sent",
+    )
+    p.add_argument("--token-file", metavar="PATH", help="read the bearer token from PATH "
+                   "('-': standard input); with --p12-url it is asked if not given")  # fmt: skip
+    p.add_argument(
+        "--upstream-ca",
+        metavar="CA.pem|system",
+        help="the CAs the identity trusts for its upstreams (default: the EST server's "
+        "/cacerts with --est, the system trust store with --p12-url)",
+    )
+    p.add_argument(
+        "--upstream-pin",
+        metavar="sha256//B64",
+        action="append",
+        default=[],
+        help="require the upstream's public key to match this pin (repeatable)",
+    )
+    p.add_argument(
+        "--min-tls", choices=["1.2", "1.3"], default="1.2", help="minimum TLS version (1.2)"
+    )
+    p.add_argument(
+        "--p12-password-file",
+        metavar="PATH",
+        help="--p12-url: read the PKCS#12 password from PATH ('-': standard input)",
+    )
+    p.add_argument(
+        "--replace", action="store_true", help="--p12-url: overwrite an identity of that name"
+    )
+    p.add_argument("--label", metavar="LABEL", help="--est: the CA label (a path segment)")
+    p.add_argument("--subject", metavar="DN", help="--est: the subject, like CN=me,O=Example "
+                   "(default: CN=NAME)")  # fmt: skip
+    p.add_argument(
+        "--san",
+        metavar="TYPE:VALUE",
+        action="append",
+        default=[],
+        help="--est: a subject alternative name: DNS:..., IP:..., URI:..., EMAIL:... (repeatable)",
+    )
+    p.add_argument(
+        "--key-type",
+        choices=["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"],
+        help="--est: the key made here (default: ec-p256)",
+    )
+    p.add_argument("--username", metavar="USER", help="--est: HTTP Basic user name")
+    p.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="--est: read the HTTP Basic password from PATH (else asked)",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        help="--est: how long to keep asking while the server answers 202 (default: 300)",
+    )
+    policy.add_caller_rule_flags(p)
+    p.set_defaults(run=enroll.cmd_enroll)
+
+    p = command(
+        "renew",
+        "renew an EST identity now",
+        "Have the running, unlocked agent renew an EST identity now (a fresh key, a new "
+        "certificate through simplereenroll, swapped in while requests keep flowing) and "
+        "print the new expiry. The agent also does this by itself at two thirds of the "
+        "certificate's lifetime.",
+    )
+    p.add_argument("name", metavar="NAME")
+    _json(p)
+    p.set_defaults(run=enroll.cmd_renew)
+
+
+def _duration(value: str) -> float:
+    """Seconds from ``30``, ``90s``, ``15m``, ``8h`` (config.toml's spelling)."""
+    from agent.config import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be {exc}, not {value!r}") from None
 
 
 def _passphrase_file(p: argparse.ArgumentParser) -> None:
