@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +82,7 @@ class Keychain:
         self.unlocked_at: float | None = None
         #: This unlock's own limit (``agentctl unlock --timeout``), None: the config's.
         self.unlock_timeout: float | None = None
-        self._unload_listeners: list[Callable[[Iterable[LoadedIdentity]], None]] = []
+        self._unload_listeners: list[Callable[[list[LoadedIdentity], bool], None]] = []
         self._change_listeners: list[Callable[[], None]] = []
         self._refresh_lock = asyncio.Lock()
         self._generation = 0
@@ -100,8 +100,12 @@ class Keychain:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
-    def on_unload(self, listener: Callable[[Iterable[LoadedIdentity]], None]) -> None:
-        """Be told which loaded identities are dropped (to close their connections)."""
+    def on_unload(self, listener: Callable[[list[LoadedIdentity], bool], None]) -> None:
+        """Be told which loaded identities are dropped, and whether by a lock.
+
+        After a lock nothing may go on using them; after a reload or renewal
+        swap, requests already under way may finish on the old identity.
+        """
         self._unload_listeners.append(listener)
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -117,8 +121,9 @@ class Keychain:
         replaces the configured ``max_unlocked`` until the next lock.
         """
         async with self._refresh_lock:
+            generation = self._generation  # a lock during the KDF must win
             key = await asyncio.to_thread(self._vault.unlock_key, passphrase)
-            await self._refresh(key)
+            await self._refresh(key, generation)
             if self._key is key:
                 self.unlocked_at = time.monotonic()
                 self.unlock_timeout = timeout
@@ -134,17 +139,16 @@ class Keychain:
         self.broken = {name: r for name, r in self.broken.items() if name not in self._identities}
         self.unlocked_at = None
         self.unlock_timeout = None
-        self._notify(dropped)
+        self._notify(dropped, locking=True)
         self._changed()
 
     async def reload(self) -> None:
         """Re-read the vault: load new identities when unlocked, drop gone ones."""
         async with self._refresh_lock:
-            await self._refresh(self._key)
+            await self._refresh(self._key, self._generation)
         self._changed()
 
-    async def _refresh(self, key: VaultKey | None) -> None:
-        generation = self._generation
+    async def _refresh(self, key: VaultKey | None, generation: int) -> None:
         keep = dict(self._loaded) if key is self._key else {}
         identities, loaded, broken = await asyncio.to_thread(self._read, key, keep)
         if generation != self._generation:
@@ -159,7 +163,7 @@ class Keychain:
         self._router = Router(identities.values())
         self._ruled = frozenset(name for name, i in identities.items() if i.callers)
         self._expiry = {name: i.not_after.timestamp() for name, i in identities.items()}
-        self._notify(dropped)
+        self._notify(dropped, locking=False)
 
     def _read(
         self, key: VaultKey | None, keep: dict[str, LoadedIdentity]
@@ -205,12 +209,12 @@ class Keychain:
         for listener in self._change_listeners:
             listener()
 
-    def _notify(self, dropped: list[LoadedIdentity]) -> None:
+    def _notify(self, dropped: list[LoadedIdentity], *, locking: bool) -> None:
         for loaded in dropped:
             loaded.retired = True
         if dropped:
             for listener in self._unload_listeners:
-                listener(dropped)
+                listener(dropped, locking)
 
     # --- routing (the data plane's hot path) ---
 

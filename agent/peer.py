@@ -341,7 +341,10 @@ class Caller:
     connection and only when asked.
     """
 
-    __slots__ = ("_attested", "_failure", "_sock", "_started_by", "exe", "gid", "pid", "uid")
+    __slots__ = (
+        "_attested", "_connected_exe", "_failure", "_sock", "_started_by",
+        "exe", "gid", "pid", "uid",
+    )  # fmt: skip
 
     def __init__(self, peer: Peer, sock: Any = None) -> None:
         self.pid = peer.pid
@@ -351,6 +354,9 @@ class Caller:
         self._started_by: int | None = system.now() if system and system.now else None
         self._sock = sock
         self.exe: str | None = exe_path(peer.pid)
+        # the program at connect: one that execs another later (keeping its pid
+        # and start time) must not be taken for that other program
+        self._connected_exe = self.exe
         self._attested: Executable | None = None
         self._failure: AttestationError | None = None
 
@@ -365,7 +371,13 @@ class Caller:
             if sock is not None and peer_of(sock) != Peer(self.pid, self.uid, self.gid):
                 # closed, and its descriptor maybe reused by another connection
                 raise AttestationError(f"the connection of process {self.pid} has closed")
-            self._attested = attest(self.pid, started_by=self._started_by, sock=sock)
+            attested = attest(self.pid, started_by=self._started_by, sock=sock)
+            if self._connected_exe is None or attested.path != self._connected_exe:
+                raise AttestationError(
+                    f"process {self.pid} runs {attested.path}, not the program that "
+                    f"connected ({self._connected_exe or 'unknown'})"
+                )
+            self._attested = attested
         except AttestationError as exc:
             self._failure = exc
             raise

@@ -34,14 +34,25 @@ class Router:
         self._wildcard = wildcard
 
     def candidates(self, host: str, port: int) -> list[Identity]:
-        """Every identity bound to ``host:port``, most specific first."""
-        found = [i for p, i in self._exact.get(host, ()) if p.port is None or p.port == port]
+        """Every identity bound to ``host:port``, most specific first, each once.
+
+        An identity may match through two of its patterns (``api.example.com``
+        and ``*.example.com``); it is listed at its most specific one.
+        """
+        found: list[Identity] = []
+        _add(found, self._exact.get(host, ()), port)
         _, dot, parent = host.partition(".")
         if dot:
-            found += [
-                i for p, i in self._wildcard.get(parent, ()) if p.port is None or p.port == port
-            ]
+            _add(found, self._wildcard.get(parent, ()), port)
         return found
+
+
+def _add(found: list[Identity], entries: Iterable[_Entry], port: int) -> None:
+    for pattern, identity in entries:
+        if (pattern.port is None or pattern.port == port) and all(
+            identity is not seen for seen in found
+        ):
+            found.append(identity)
 
 
 def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:

@@ -93,6 +93,23 @@ def prepare_runtime_dir(path: Path) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise StartupError(f"{path} is not a folder; remove it and start again.")
     refuse_unsafe(path, "remove it, or set XDG_RUNTIME_DIR to a folder of your own")
+    _refuse_swappable_parent(path.parent)
+
+
+def _refuse_swappable_parent(parent: Path) -> None:
+    """Refuse a parent in which another user could rename our folder away and
+    put their own sockets in its place (a sticky folder such as /tmp is safe)."""
+    info = parent.stat()
+    if info.st_uid not in (os.getuid(), 0):
+        raise StartupError(
+            f"{parent} belongs to uid {info.st_uid}, not to you; set XDG_RUNTIME_DIR "
+            "to a folder of your own."
+        )
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise StartupError(
+            f"{parent} can be written by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run 'chmod 700 {parent}' or set XDG_RUNTIME_DIR to a folder of your own."
+        )
 
 
 def refuse_unsafe(path: Path, owner_fix: str) -> None:
@@ -324,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the agent in the foreground until SIGTERM or SIGINT."""
     try:
         harden()
-    except StartupError as exc:
+    except StartupError as exc:  # refused to start, like every unsafe start-up
         print(f"mtls-agent: {exc.message}", file=sys.stderr)
-        return 1
+        return 2
     args = _parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="mtls-agent: %(levelname)s: %(message)s"

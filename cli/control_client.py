@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, AgentNotRunning
+from agent.peer import peer_of
 
 #: Most calls answer at once; unlock runs a KDF and may be throttled up to 10 s.
 DEFAULT_TIMEOUT = 30.0
@@ -46,10 +48,22 @@ class _UnixConnection(http.client.HTTPConnection):
         try:
             sock.settimeout(self.timeout)
             sock.connect(str(self._path))
+            _refuse_foreign_agent(sock, self._path)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
+
+
+def _refuse_foreign_agent(sock: socket.socket, path: Path) -> None:
+    """Talk only to an agent of our own uid: a passphrase must not reach another
+    user's process that took the socket's place."""
+    peer = peer_of(sock)
+    if peer is None or peer.uid != os.getuid():
+        owner = "an unknown user" if peer is None else f"uid {peer.uid}"
+        raise AgentError(
+            f"the process on {path} belongs to {owner}, not to you; refusing to use it."
+        )
 
 
 class ControlClient:

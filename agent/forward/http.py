@@ -29,6 +29,8 @@ NOT_COPIED = frozenset(
         b"upgrade",
         b"host",
         b"content-length",
+        # the agent's own error marker: an upstream must not pass for the agent
+        b"mtls-agent-error",
     }
 )
 

@@ -22,6 +22,7 @@ from agent.config import Limits
 from agent.errors import (
     BadRequest,
     HeadersTooLarge,
+    Locked,
     PeerDenied,
     ProxyError,
     UpstreamBadResponse,
@@ -55,6 +56,9 @@ _QUEUED = 4
 _UPGRADING = 8
 _REFUSED = 16
 
+# Requests that may be sent again after a pooled connection died under them.
+_SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
 # How a response body is framed towards the client.
 _NO_BODY, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 
@@ -74,12 +78,30 @@ class ProxyServer:
         self.limits = limits
         self.allowed_uids = allowed_uids
         self.pool = Pool(limits)
-        keychain.on_unload(self.pool.retire)
+        keychain.on_unload(self._unloaded)
         self.clients: set[ClientConnection] = set()
         self.requests_served = 0
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def _unloaded(self, dropped: list[LoadedIdentity], locking: bool) -> None:
+        """Close idle connections of dropped identities; after a lock, busy ones too.
+
+        A lock means no request may go on with those contexts (a TLS 1.3
+        server could still ask one to sign): answers and tunnels under way
+        are cut. A renewal swap lets them finish on the old identity.
+        """
+        self.pool.retire(dropped)
+        if not locking:
+            return
+        gone = set(dropped)
+        for client in list(self.clients):
+            exchange = client.active
+            if exchange is not None and exchange.loaded in gone:
+                exchange.fail(Locked())
+                if client.tunnel is not None:
+                    client.abort()
 
     def close(self) -> None:
         for client in list(self.clients):
@@ -264,7 +286,9 @@ class ClientConnection(asyncio.Protocol):
             self.active = self._queue.popleft()
             if not self._queue:
                 self.resume(_QUEUED)
-            self.active.start()
+            # not from inside the previous answer's parser callback, where an
+            # exception would be charged to the exchange that already ended
+            self.loop.call_soon(self.active.start)
         elif self._client_eof:
             self.close()
         else:
@@ -391,6 +415,7 @@ class Exchange:
         self._response_headers: Headers = []
         self._response_in_head = True
         self._response_head_bytes = 0
+        self._got_response_bytes = False
         self._response_fields_bytes = 0
         self._interim = False
         self._framing = _NO_BODY
@@ -443,12 +468,18 @@ class Exchange:
             self.fail(self.error)
             return
         assert self.target is not None
+        if self.done or self.client.closed:
+            return
         try:
             self.loaded = self.server.keychain.route(
                 self.target.host, self.target.port, self.client.caller
             )
         except ProxyError as exc:
             self.fail(exc)
+            return
+        except Exception:  # fail closed, and loudly: never leave a request unanswered
+            log.exception("routing %s failed", self.target)
+            self.fail(ProxyError("The agent could not handle this request."))
             return
         conn = self.server.pool.take((self.loaded, self.target.host, self.target.port))
         if conn is not None:
@@ -465,16 +496,18 @@ class Exchange:
         try:
             conn = await self.server.pool.connect(self.loaded, self.target)
         except ProxyError as exc:
-            self.client.resume(_CONNECTING)
             self.fail(exc)
             return
         finally:
             self._connect_task = None
-        if self.done or self.client.closed:
+            self.client.resume(_CONNECTING)
+        if self.loaded.retired and self.server.keychain.locked:
+            conn.close()  # locked while connecting: the context may not be used any more
+            self.fail(Locked())
+        elif self.done or self.client.closed:
             self.server.pool.put(conn)
-            return
-        self._attach(conn)
-        self.client.resume(_CONNECTING)
+        else:
+            self._attach(conn)
 
     def _attach(self, conn: UpstreamConnection) -> None:
         assert self.target is not None
@@ -534,6 +567,7 @@ class Exchange:
     # --- upstream connection events ---
 
     def upstream_data(self, data: bytes) -> None:
+        self._got_response_bytes = True
         if self.client.tunnel is not None:
             self.client.write(data)
             return
@@ -621,8 +655,10 @@ class Exchange:
             self._response_head_too_large()
             return
         status = self.response.get_status_code()  # type: ignore[union-attr]
-        if status == 101 and self.upgrade is not None:
-            return  # the switch happens once llhttp hands back the rest
+        if status == 101:
+            if self.upgrade is None:
+                self._bad_response("The upstream switched protocols without being asked to.")
+            return  # else the switch happens once llhttp hands back the rest
         if 100 <= status < 200:
             self._interim = True
             if not self.version_10:
@@ -653,6 +689,8 @@ class Exchange:
 
     def _send_response_head(self, status: int) -> None:
         self.status = status
+        if self.upgrade is not None:
+            self.close_client = True  # a refused upgrade: the client's parser is past it
         length = None
         chunked = False
         for name, value in self._response_headers:
@@ -694,20 +732,12 @@ class Exchange:
         self.deadline.cancel()
         if self._framing == _CHUNKED:
             self.client.write(last_chunk(self._response_trailers))
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.user = None
-            if (
-                self.request_done
-                and not self._upstream_until_close
-                and self.response.should_keep_alive()  # type: ignore[union-attr]
-            ):
-                if self.client._writing_paused:
-                    conn.transport.resume_reading()  # type: ignore[union-attr]
-                self.server.pool.put(conn)
-                self._pooled = conn
-            else:
-                conn.close()
+        reusable = (
+            self.request_done
+            and not self._upstream_until_close
+            and self.response.should_keep_alive()  # type: ignore[union-attr]
+        )
+        self._pooled = self._release(self.server.pool if reusable else None)
         self._audit(None)
         self.client.exchange_done(self, self.close_client)
 
@@ -718,10 +748,9 @@ class Exchange:
         self._audit(error)
         self.done = True
         self.deadline.cancel()
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.user = None
-            conn.abort()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        self._release(None)
         if self.head_sent:
             self.client.abort()
             return
@@ -735,10 +764,28 @@ class Exchange:
         self.deadline.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
+        self._release(None)
+
+    def _release(self, pool: Pool | None) -> UpstreamConnection | None:
+        """Let go of the upstream: back to ``pool`` when it is clean, else aborted.
+
+        A connection with request bytes still queued (the upstream answered
+        before reading them all) is never reused, and the client's reading,
+        paused for that connection's full buffer, is resumed.
+        """
         conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.user = None
+        self.client.resume(_UPSTREAM_FULL)
+        if conn is None:
+            return None
+        conn.user = None
+        transport = conn.transport
+        if pool is None or transport is None or transport.get_write_buffer_size():
             conn.abort()
+            return None
+        if self.client._writing_paused:
+            transport.resume_reading()
+        pool.put(conn)
+        return conn
 
     def _audit(self, error: ProxyError | None) -> None:
         """One audit line per exchange, however it ends (the first call wins)."""
@@ -769,6 +816,7 @@ class Exchange:
         extra: Headers = [(b"Connection", b"upgrade"), (b"Upgrade", self.upgrade or b"")]
         head = status_line(101, self._status_reason)
         self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
+        self.status = 101
         self.head_sent = True
         self.deadline.cancel()
         if upstream_bytes:
@@ -781,7 +829,12 @@ class Exchange:
         An upstream may close an idle keep-alive connection just as we reuse
         it; such a request never reached it and is safe to send again, once.
         """
-        if self._reused and self.body_framing is None and self._response_head_bytes == 0:
+        if (
+            self._reused
+            and self.method in _SAFE_METHODS
+            and self.body_framing is None
+            and not self._got_response_bytes
+        ):
             self._reused = False
             return True
         return False

@@ -160,7 +160,7 @@ class Pool:
                 conn.abort()
                 raise PinMismatch(
                     f"The public key of {where} matches none of the pins of identity "
-                    f"'{loaded.identity.name}'; nothing was sent."
+                    f"'{loaded.identity.name}'; no request was sent."
                 )
         self.opened += 1
         return conn
