@@ -85,27 +85,69 @@ def encode_event(when: float, kind: str, caller: Any, fields: dict[str, Any]) ->
     return _line({"time": _timestamp(when), "event": kind, **fields, **_caller_fields(caller)})
 
 
-def _encode_request(when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
-    identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
-    doc: dict[str, Any] = {
-        "time": _timestamp(when),
-        "event": "request",
-        "identity": identity,
-        "method": method.decode("ascii", "replace") if isinstance(method, bytes) else method,
-        "host": host,
-        "port": port,
-        "path": request_path(path),
-        "status": status,
-        "bytes_in": bytes_in,
-        "bytes_out": bytes_out,
-        "duration_ms": round(duration * 1000, 3),
-        **_caller_fields(caller),
-        "error": None if error is None else getattr(error, "code", type(error).__name__),
-    }
-    reason = getattr(error, "reason", None)
-    if reason:
-        doc["reason"] = reason
-    return _line(doc)
+_REQUEST_LINE = (
+    '{"time":%s,"event":"request","identity":%s,"method":%s,"host":%s,"port":%s,'
+    '"path":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%r,'
+    '"pid":%s,"uid":%s,"gid":%s,"exe":%s,"error":%s%s}\n'
+)
+
+
+class _RequestEncoder:
+    """Request lines from a template: one is written per forwarded request, so
+    the document is not built as a dict and run through json.dumps. Every
+    string still goes through json's own (C) escaper; the time's seconds are
+    formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._second_text = ""
+
+    def _time(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f'"{self._second_text}.{int((when - second) * 1000):03d}Z"'
+
+    def __call__(self, when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
+        identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
+        if isinstance(method, bytes):
+            method = method.decode("ascii", "replace")
+        who = _caller_fields(caller)
+        reason = getattr(error, "reason", None)
+        code = None if error is None else getattr(error, "code", type(error).__name__)
+        return (
+            _REQUEST_LINE
+            % (
+                self._time(when),
+                _json_str(identity),
+                _json_str(method),
+                _json_str(host),
+                "null" if port is None else int(port),
+                _json_str(request_path(path)),
+                status,
+                bytes_in,
+                bytes_out,
+                round(duration * 1000, 3),
+                _json_int(who["pid"]),
+                _json_int(who["uid"]),
+                _json_int(who["gid"]),
+                _json_str(who["exe"]),
+                _json_str(code),
+                f',"reason":{_json_str(reason)}' if reason else "",
+            )
+        ).encode("ascii")
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else _escape(value)
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
+_escape = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def identity_fields(identity: Any) -> dict[str, Any]:
@@ -203,6 +245,7 @@ class AuditLog:
         self._dropped_seen = 0  # how many of those the writer has accounted for
         self._lost = 0  # lines not yet reported as lost; written by the writer only
         self._failing = False
+        self._encode_request = _RequestEncoder()
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
 
@@ -293,7 +336,7 @@ class AuditLog:
             when, kind, caller, fields = item
             try:
                 if kind is None:
-                    lines.append(_encode_request(when, caller, fields))
+                    lines.append(self._encode_request(when, caller, fields))
                 else:
                     lines.append(encode_event(when, kind, caller, fields))
             except (TypeError, ValueError) as exc:  # a field that is not JSON: a bug, not a crash

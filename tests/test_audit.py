@@ -468,3 +468,30 @@ def test_a_request_entry_reads_as_one_line_of_text() -> None:
         "(identity 'work': uid 1000 is not allowed (allow-uid 0))  in 0 B, out 2.0 KiB, "
         "1.5 ms  pid 42 uid 1000 /usr/bin/curl"
     )
+
+
+def test_request_lines_are_valid_json_whatever_the_strings_hold() -> None:
+    """The request line is built from a template: every string must still be escaped."""
+    from agent.audit import _RequestEncoder
+    from agent.errors import PeerDenied
+
+    class Odd:
+        pid, uid, gid = 7, 1000, 1000
+        exe = '/opt/we"ird\\\\path/\u00e9\n'
+
+    encode = _RequestEncoder()
+    error = PeerDenied(reason='rule "exe" failed\n')
+    line = encode(
+        1700000000.25,
+        Odd(),
+        ("work", b"GET", "h\u00f6st", None, b'/a"b\\c\x01?token=secret', 403, 0, 0, 0.5, error),
+    )
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    doc = json.loads(line)
+    assert doc["time"] == "2023-11-14T22:13:20.250Z"
+    assert doc["path"] == '/a"b\\c\x01'
+    assert doc["exe"] == Odd.exe
+    assert doc["host"] == "h\u00f6st" and doc["port"] is None
+    assert (doc["status"], doc["error"]) == (403, "peer-denied")
+    assert doc["reason"] == 'rule "exe" failed\n'
+    assert b"secret" not in line

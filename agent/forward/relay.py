@@ -124,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self._paused = 0
         self._writing_paused = False
+        self._corked: list[bytes] | None = None
         # the head being parsed
         self._url = b""
         self._headers: Headers = []
@@ -262,8 +263,31 @@ class ClientConnection(asyncio.Protocol):
     # --- used by exchanges ---
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
             self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        if self.closed:
+            return
+        if self._corked is not None:
+            self._corked.extend(parts)
+        else:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def cork(self) -> None:
+        """Hold writes until ``uncork``: what one upstream read produces (head,
+        body, end of chunks) leaves in one system call, not one each."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        parts, self._corked = self._corked, None
+        if parts and not self.closed:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
 
     def pause(self, reason: int) -> None:
         if not self._paused and not self.closed:
@@ -306,6 +330,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close after what is already written has been sent."""
         if not self.closed:
+            self.uncork()
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
 
@@ -571,6 +596,14 @@ class Exchange:
         if self.client.tunnel is not None:
             self.client.write(data)
             return
+        client = self.client
+        client.cork()
+        try:
+            self._parse_response(data)
+        finally:
+            client.uncork()
+
+    def _parse_response(self, data: bytes) -> None:
         try:
             self.response.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as upgrade:
@@ -674,7 +707,7 @@ class Exchange:
             return
         self.bytes_out += len(body)
         if self._framing == _CHUNKED:
-            self.client.transport.writelines(chunk(body))  # type: ignore[union-attr]
+            self.client.writelines(chunk(body))
         else:
             self.client.write(body)
         self.deadline.set(self.limits.body_idle_timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -174,13 +175,12 @@ class Pool:
         if conn.closed or conn.key[0].retired:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
         conn.user = None
-        conn.idle_since = loop.time()
+        conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(conn.key, [])
         idle.append(conn)
         if len(idle) > self._limits.pool_max_idle and self._trimmer is None:
-            self._trimmer = loop.call_later(TRIM_DELAY, self._trim)
+            self._trimmer = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)
         if self._sweeper is None:
             self._schedule_sweep()
 
@@ -206,7 +206,7 @@ class Pool:
         ``TRIM_DELAY`` (see ``put``); the oldest are first in each list."""
         self._trimmer = None
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - TRIM_DELAY
+        cutoff = time.monotonic() - TRIM_DELAY
         keep = self._limits.pool_max_idle
         again = False
         for idle in self._idle.values():
@@ -227,7 +227,7 @@ class Pool:
     def _sweep(self) -> None:
         """Close connections idle for longer than the upstream likely keeps them."""
         self._sweeper = None
-        cutoff = asyncio.get_running_loop().time() - self._limits.pool_idle_timeout
+        cutoff = time.monotonic() - self._limits.pool_idle_timeout
         for key, idle in list(self._idle.items()):
             keep = []
             for conn in idle:
