@@ -635,6 +635,7 @@ class Exchange:
         if self.done:
             return
         if self.client.tunnel is not None:
+            self._audit(None)
             self.done = True
             self.client.close()
         elif not self.head_sent:
@@ -691,7 +692,9 @@ class Exchange:
         if status == 101:
             if self.upgrade is None:
                 self._bad_response("The upstream switched protocols without being asked to.")
-            return  # else the switch happens once llhttp hands back the rest
+            else:  # llhttp ends this message, then hands back the rest: the switch comes then
+                self._interim = True
+            return
         if 100 <= status < 200:
             self._interim = True
             if not self.version_10:
