@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import pytest
 from support.agent import AgentEnv, AgentProcess, console_script, start_agent, write_secret_file
 from support.nginx import Nginx
 from support.pki import P12_PASSWORD, Pki
-from support.tools import in_ci, require_tool
+from support.tools import in_ci, require_tool, traversable_by_others
 
 from agent.control import UnlockThrottle
 from agent.vault import Vault
@@ -355,6 +356,14 @@ def test_the_running_agent_is_not_dumpable_dumps_no_core_and_has_a_private_umask
         for path in [agent_env.root, *agent_env.root.rglob("*")]:
             os.chown(path, user.pw_uid, user.pw_gid)
         prefix, uid = as_user(user), user.pw_uid
+    # the checkout (and its venv) may sit in a folder only root can enter
+    with traversable_by_others(Path(__file__).resolve().parent.parent, Path(sys.prefix)):
+        _check_not_dumpable(agent_env, agents, prefix, uid)
+
+
+def _check_not_dumpable(
+    agent_env: AgentEnv, agents: list[AgentProcess], prefix: list[str], uid: int
+) -> None:
     agent = start_agent(agent_env, command=[*prefix, *console_script("mtls-agent", "agent")])
     agents.append(agent)
     plain = subprocess.Popen([*prefix, "sleep", "30"])

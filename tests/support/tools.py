@@ -9,6 +9,7 @@ one place that rule lives.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -54,6 +55,28 @@ def require_tool(name: str) -> str:
 # --- deterministic content for big bodies -----------------------------------
 
 CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def traversable_by_others(*paths: Path) -> Iterator[None]:
+    """Let other users pass through (not list) every folder above ``paths``.
+
+    A test that runs this checkout's venv as a second OS user needs it: the
+    checkout may sit in a private folder (a ``mktemp -d`` is 0700). Only the
+    search bit is added, only where it is missing, and taken back afterwards.
+    """
+    changed: dict[Path, int] = {}
+    for path in paths:
+        for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
+            mode = folder.stat().st_mode
+            if folder not in changed and not mode & 0o001:
+                changed[folder] = mode
+                os.chmod(folder, (mode | 0o001) & 0o7777)
+    try:
+        yield
+    finally:
+        for folder, mode in changed.items():
+            os.chmod(folder, mode & 0o7777)
 
 
 def deterministic_chunks(seed: str, size: int, chunk: int = CHUNK) -> Iterator[bytes]:
