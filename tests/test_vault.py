@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from support.tools import require_tool
 
 import agent.vault
 from agent.errors import BadPassphrase, VaultBusy, VaultError
@@ -520,25 +521,51 @@ def test_a_writer_gives_up_with_vault_busy_while_another_holds_the_lock(tmp: Pat
     assert v.names() == ["work"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a 0500 folder")
+_WRITE_ATTEMPTS = """
+import json, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric import ec
+from agent.errors import VaultError
+from agent.vault import Vault
+
+vault, passphrase = Vault(Path(sys.argv[1])), sys.argv[2]
+attempts = (
+    lambda: vault.store("new", {}, ec.generate_private_key(ec.SECP256R1())),
+    lambda: vault.update_metadata("work", {}),
+    lambda: vault.remove("work"),
+    lambda: vault.change_passphrase(passphrase, "new"),
+)
+refusals = []
+for attempt in attempts:
+    try:
+        attempt()
+    except VaultError as exc:
+        refusals.append(str(exc))
+    else:
+        refusals.append(None)
+print(json.dumps(refusals))
+"""
+
+
 def test_a_read_only_vault_folder_fails_clearly_and_loses_nothing(vault: Vault) -> None:
+    """The writes run in a child; as root it loses the capabilities that let root
+    write through a 0500 folder (setpriv), so the kernel refuses as for any user."""
     key = ec.generate_private_key(ec.SECP256R1())
     vault.store("work", META, key)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = [require_tool("setpriv"), "--bounding-set=-dac_override,-dac_read_search,-fowner"]
     for folder in (vault.directory / "identities", vault.directory):
         folder.chmod(0o500)
     before = _snapshot(vault.directory)
     refusal = f"cannot write to the vault folder {vault.directory}: permission denied."
 
-    for attempt in (
-        lambda: vault.store("new", META, ec.generate_private_key(ec.SECP256R1())),
-        lambda: vault.update_metadata("work", {}),
-        lambda: vault.remove("work"),
-        lambda: vault.change_passphrase(PASSPHRASE, "new"),
-    ):
-        with pytest.raises(VaultError) as refused:
-            attempt()
-        assert str(refused.value) == refusal
+    child = subprocess.run(
+        [*prefix, sys.executable, "-c", _WRITE_ATTEMPTS, str(vault.directory), PASSPHRASE],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
 
+    assert json.loads(child.stdout) == [refusal] * 4, child.stderr
     assert _snapshot(vault.directory) == before
     assert _der(vault.open_key("work", vault.unlock_key(PASSPHRASE))) == _der(key)
 
