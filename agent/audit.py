@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AuditLogError
+from agent.paths import make_private_dirs
 from agent.peer import exe_path
 
 log = logging.getLogger(__name__)
@@ -165,23 +166,13 @@ def identity_fields(identity: Any) -> dict[str, Any]:
     return fields
 
 
-def _make_private_dirs(folder: Path) -> None:
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for made in reversed(missing):
-        made.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(made, 0o700)
-
-
 def open_log_file(path: Path) -> int:
     """Open ``path`` for appending, creating it (and its folders) private.
 
     Refuses a symlink and a file it cannot make 0600 (another user's).
     """
     try:
-        _make_private_dirs(path.parent)
+        make_private_dirs(path.parent)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(path, flags, 0o600)
     except OSError as exc:

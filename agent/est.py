@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from agent.errors import EnrollmentError, EnrollmentPending, IdentityError
-from agent.identity import PrivateKey, PublicKey, order_chain
+from agent.identity import PrivateKey, PublicKey, issued_by, order_chain
 from agent.webclient import Answer, display_url, request
 
 DEFAULT_KEY_TYPE = "ec-p256"
@@ -341,14 +341,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 def issued_chain(
     public_key: PublicKey,
     subject: x509.Name,
@@ -387,7 +379,7 @@ def issued_chain(
             f"the EST server issued a certificate valid only from "
             f"{leaf.not_valid_before_utc.isoformat()}; check this machine's clock"
         )
-    if not any(cert in cacerts or any(_issued_by(cert, ca) for ca in cacerts) for cert in chain):
+    if not any(cert in cacerts or any(issued_by(cert, ca) for ca in cacerts) for cert in chain):
         raise EnrollmentError(
             "the certificate the EST server returned does not chain to any CA it"
             " publishes in /cacerts"

@@ -323,7 +323,8 @@ def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
         ) from None
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer`` signed ``cert`` (names and signature; no dates, no trust)."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
@@ -349,7 +350,7 @@ def order_chain(
     chain = [max(own, key=lambda cert: cert.not_valid_after_utc)]
     rest.remove(chain[0])
     while chain[-1].issuer != chain[-1].subject:
-        issuer = next((cert for cert in rest if _issued_by(chain[-1], cert)), None)
+        issuer = next((cert for cert in rest if issued_by(chain[-1], cert)), None)
         if issuer is None:
             break
         chain.append(issuer)

@@ -49,6 +49,17 @@ class Paths:
         return self.log_dir / "audit.jsonl"
 
 
+def make_private_dirs(folder: Path) -> None:
+    """mkdir -p, with 0700 on each folder made (as XDG asks), whatever the umask."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(made, 0o700)
+
+
 def _runtime_dir() -> Path:
     # platformdirs falls back to a folder in /tmp (with a warning) when
     # XDG_RUNTIME_DIR is unset; that fallback is what we want, quietly.

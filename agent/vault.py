@@ -93,6 +93,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from agent.errors import BadPassphrase, VaultBusy, VaultError
+from agent.paths import make_private_dirs
 
 VERSION = 1
 VAULT_FORMAT = "mtls-agent-vault"
@@ -253,7 +254,7 @@ class Vault:
         if not _kdf_params_allowed(kdf_n, KDF_R, KDF_P):
             raise ValueError(f"kdf_n must be a power of two from {KDF_MIN_N} to {KDF_MAX_N}.")
         with self._write_errors():
-            _make_private_dirs(self.directory)
+            make_private_dirs(self.directory)
             os.chmod(self.directory, 0o700)
         with self._writing():
             if self.exists():
@@ -265,7 +266,7 @@ class Vault:
                     f"{self._identities} holds identities but there is no {VAULT_FILE}; "
                     "restore it, or move the identities away before creating a new vault."
                 )
-            _make_private_dirs(self._identities)
+            make_private_dirs(self._identities)
             header = _wrap(X25519PrivateKey.generate(), passphrase, kdf_n, KDF_R, KDF_P)
             _write_atomic(self._vault_file, _dump(header.to_json()))
 
@@ -328,7 +329,7 @@ class Vault:
                 "metadata": metadata,
                 "sealed_key": sealed,
             }
-            _make_private_dirs(self._identities)
+            make_private_dirs(self._identities)
             _write_atomic(path, _dump(doc))
 
     def update_metadata(
@@ -581,17 +582,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _make_private_dirs(folder: Path) -> None:
-    """mkdir -p, with 0700 on each folder made (as XDG asks), whatever the umask."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for made in reversed(missing):
-        made.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(made, 0o700)
 
 
 def _check_format(doc: dict[str, Any], expected: str, path: Path) -> None:

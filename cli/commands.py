@@ -106,14 +106,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     callers = caller_rules_from(args)
     data = _read_file(args.file, "the PKCS#12 file")
     ca_pem = None if args.ca is None else _read_file(args.ca, "the CA bundle")
-    password: bytes | None
-    if args.p12_password_file is not None:
-        password = prompt.read_secret_file(args.p12_password_file, "PKCS#12 password")
-    else:
-        typed = prompt.ask(
-            f"PKCS#12 password for {args.file}: ", "PKCS#12 password", "--p12-password-file"
-        )
-        password = typed.encode("utf-8") or None
+    password = prompt.p12_password(args.p12_password_file, args.file)
     try:
         identity = import_pkcs12(
             vault,

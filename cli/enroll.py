@@ -65,14 +65,7 @@ def _enroll_pkcs12(args: argparse.Namespace) -> int:
     token = _secret(args.token_file, "registration token", "--token-file")
     data = asyncio.run(fetch_pkcs12(url, token, ca_pem=server_ca, pins=args.pin))
     del token
-    password: bytes | None
-    if args.p12_password_file is not None:
-        password = prompt.read_secret_file(args.p12_password_file, "PKCS#12 password")
-    else:
-        typed = prompt.ask(
-            f"PKCS#12 password for {display_url(url)}: ", "PKCS#12 password", "--p12-password-file"
-        )
-        password = typed.encode("utf-8") or None
+    password = prompt.p12_password(args.p12_password_file, display_url(url))
     identity = import_pkcs12(
         vault,
         args.name,

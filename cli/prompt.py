@@ -76,6 +76,15 @@ def ask(prompt: str, what: str, option: str) -> str:
         raise SecretError(f"no {what} was given.") from None
 
 
+def p12_password(password_file: str | None, shown: str) -> bytes | None:
+    """The PKCS#12 password: from ``--p12-password-file``, else asked for
+    ``shown`` (the file or URL); an empty answer means the file has none."""
+    if password_file is not None:
+        return read_secret_file(password_file, "PKCS#12 password")
+    typed = ask(f"PKCS#12 password for {shown}: ", "PKCS#12 password", "--p12-password-file")
+    return typed.encode("utf-8") or None
+
+
 def ask_new_passphrase(option: str) -> str:
     """A new vault passphrase, typed twice; refuses an empty one or a mismatch."""
     first = ask("New vault passphrase: ", "passphrase", option)
