@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from support.agent import AgentEnv, AgentProcess, start_agent, write_secret_file
-from support.clients import CurlResult, curl, raw_body_json, raw_exchange, raw_status
+from support.clients import (
+    CurlResult,
+    curl,
+    direct_connection_id,
+    raw_body_json,
+    raw_exchange,
+    raw_status,
+)
 from support.nginx import Nginx
 from support.pki import P12_PASSWORD, Pki
 from support.tools import require_tool
@@ -90,21 +97,6 @@ def make_setup(agent_env: AgentEnv, pki: Pki, nginx: Nginx) -> Iterator[Callable
 @pytest.fixture
 def setup(make_setup: Callable[..., Setup]) -> Setup:
     return make_setup()
-
-
-def direct_connection_id(pki: Pki, nginx: Nginx) -> int:
-    """nginx's connection serial for a request made by curl itself (no agent)."""
-    exe = require_tool("curl")
-    out = subprocess.run(
-        [exe, "-sS", "-D", "-", "-o", os.devnull, "--cacert", str(pki.root_pem),
-         "--cert", str(pki.client.chain_path), "--key", str(pki.client.key_path),
-         nginx.url("/echo")],
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
-    for line in out.splitlines():
-        if line.lower().startswith("x-connection:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError(f"no X-Connection in {out!r}")
 
 
 def assert_agent_error(result: CurlResult, status: int, code: str) -> None:

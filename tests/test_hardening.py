@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from support.agent import AgentEnv, AgentProcess, console_script, start_agent, write_secret_file
+from support.clients import direct_connection_id
 from support.nginx import Nginx
 from support.pki import P12_PASSWORD, Pki
 from support.tools import in_ci, require_tool, traversable_by_others
@@ -106,20 +107,6 @@ def fetch(
     lower = {k.lower(): v for k, v in headers.items()}
     status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/") else 0
     return Answer(status, lower.get("mtls-agent-error"), lower.get("x-client-s-dn"), body)
-
-
-def direct_connection_id(pki: Pki, nginx: Nginx) -> int:
-    """nginx's connection serial for a request curl makes itself (no agent)."""
-    out = subprocess.run(
-        [require_tool("curl"), "-sS", "-D", "-", "-o", os.devnull, "--cacert", str(pki.root_pem),
-         "--cert", str(pki.client.chain_path), "--key", str(pki.client.key_path),
-         nginx.url("/echo")],
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
-    for line in out.splitlines():
-        if line.lower().startswith("x-connection:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError(f"no X-Connection in {out!r}")
 
 
 # --- an agent with identities -----------------------------------------------------------

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.nginx import Nginx
+from support.pki import Pki
 from support.tools import require_tool
 
 
@@ -97,3 +99,18 @@ def raw_status(response: bytes) -> int:
 
 def raw_body_json(response: bytes) -> dict:
     return json.loads(response.partition(b"\r\n\r\n")[2])
+
+
+def direct_connection_id(pki: Pki, nginx: Nginx) -> int:
+    """nginx's connection serial for a request curl makes itself (no agent): two of
+    them around an agent request show whether the agent opened a connection."""
+    out = subprocess.run(
+        [require_tool("curl"), "-sS", "-D", "-", "-o", os.devnull, "--cacert", str(pki.root_pem),
+         "--cert", str(pki.client.chain_path), "--key", str(pki.client.key_path),
+         nginx.url("/echo")],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        if line.lower().startswith("x-connection:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError(f"no X-Connection in {out!r}")
