@@ -8,10 +8,10 @@ and the caller's pid, uid, gid and executable), and so does each unlock,
 failed unlock, lock, import, removal, renewal and rule change. What is never
 written: a query string, a header, a body, a passphrase, a token, a key.
 
-The data plane calls ``AuditLog.request`` once per request, so that call
-only appends a tuple to a queue. A writer thread encodes and appends the
-lines in batches, every ``flush_interval`` (0.1 s) or sooner when many
-wait; it never fsyncs. A disk that stalls cannot stall the relay: past
+The data plane calls ``AuditLog.request`` once per request: it encodes the
+line from a template and appends it to a queue. A writer thread appends the
+lines to the file in batches, every ``flush_interval`` (0.1 s) or sooner
+when many wait; it never fsyncs. A disk that stalls cannot stall the relay: past
 ``max_pending`` waiting lines, new ones are counted and dropped, and the
 count is written as soon as the disk takes lines again.
 
@@ -244,7 +244,6 @@ class AuditLog:
 
     def request(
         self,
-        *,
         identity: str | None,
         method: bytes | str,
         host: str | None,
@@ -257,7 +256,11 @@ class AuditLog:
         caller: Any,
         error: BaseException | None = None,
     ) -> None:
-        """Log one answered request; costs a tuple and a queue append.
+        """Log one answered request: encode its line here, queue it for the writer.
+
+        Encoding on the event loop, a line at a time, spreads the work evenly:
+        the writer thread would hold the interpreter for a whole batch at a
+        time, and stall the relay's answers for as long.
 
         ``bytes_in`` is the request body received from the caller,
         ``bytes_out`` the response body sent back to it; ``duration`` is in
@@ -265,13 +268,18 @@ class AuditLog:
         (its ``reason``, for a denied caller, names the rule that refused).
         """
         fields = (identity, method, host, port, path, status, bytes_in, bytes_out, duration, error)
-        self._put((time.time(), None, caller, fields))
+        try:
+            line = self._encode_request(time.time(), caller, fields)
+        except (TypeError, ValueError) as exc:  # a field that is not JSON: a bug, not a crash
+            log.error("audit line for a request not written: %s", exc)
+            return
+        self._put(line)
 
     def event(self, kind: str, caller: Any = None, **fields: Any) -> None:
         """Log an event (``unlock``, ``lock``, ``renew``...) with JSON-safe fields."""
         self._put((time.time(), kind, caller, fields))
 
-    def _put(self, item: tuple[Any, ...]) -> None:
+    def _put(self, item: bytes | tuple[Any, ...]) -> None:
         pending = self._pending
         if len(pending) >= self._max_pending or self._closing:
             self._dropped += 1
@@ -321,17 +329,17 @@ class AuditLog:
         lines = []
         flushed = []
         for item in items:
+            if isinstance(item, bytes):  # a request's line, encoded by ``request``
+                lines.append(item)
+                continue
             if isinstance(item, threading.Event):
                 flushed.append(item)
                 continue
             when, kind, caller, fields = item
             try:
-                if kind is None:
-                    lines.append(self._encode_request(when, caller, fields))
-                else:
-                    lines.append(encode_event(when, kind, caller, fields))
+                lines.append(encode_event(when, kind, caller, fields))
             except (TypeError, ValueError) as exc:  # a field that is not JSON: a bug, not a crash
-                log.error("audit line for %s not written: %s", kind or "request", exc)
+                log.error("audit line for %s not written: %s", kind, exc)
         dropped, self._dropped_seen = self._dropped - self._dropped_seen, self._dropped
         self._lost += dropped
         if self._lost:

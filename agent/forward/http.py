@@ -7,6 +7,7 @@ injection out, and it is why these functions are pure and fuzzable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -37,26 +38,24 @@ NOT_COPIED = frozenset(
 _LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
 _HOSTNAME = re.compile(rb"^" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?$")
 _PORT = re.compile(rb"^[0-9]{1,5}$")
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+#: Distinct Host values whose parse is kept (``origin_of``): a caller talks to
+#: a handful of hosts, and a flood of new names only costs a parse each.
+ORIGINS_CACHED = 4096
 
 Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True, frozen=True)
-class Target:
-    """Where a request goes: the upstream host, port and request-target."""
+class Origin:
+    """An upstream host and port, with the two ways the relay writes them."""
 
     host: str
     port: int
-    path: bytes
-
-    @property
-    def authority(self) -> bytes:
-        """The upstream Host header: the port is left out when it is 443."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port == 443:
-            return host.encode("ascii")
-        return f"{host}:{self.port}".encode("ascii")
+    #: The upstream Host header: the port is left out when it is 443.
+    authority: bytes
+    #: ``host:port``, as messages name the upstream.
+    where: str
 
 
 def parse_authority(raw: bytes) -> tuple[str, int]:
@@ -103,8 +102,20 @@ def _port(text: bytes | None) -> int:
     return int(text)
 
 
-def parse_target(url: bytes, host_header: bytes | None, method: bytes) -> Target:
-    """The upstream target of a request in origin-form or absolute-form."""
+@functools.lru_cache(maxsize=ORIGINS_CACHED)
+def origin_of(raw: bytes) -> Origin:
+    """The origin a Host value names, parsed once per distinct value.
+
+    A refused value raises ``BadRequest`` every time: errors are not cached.
+    """
+    host, port = parse_authority(raw)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    authority = where.rpartition(":")[0] if port == 443 else where
+    return Origin(host, port, authority.encode("ascii"), f"{host}:{port}")
+
+
+def parse_target(url: bytes, host_header: bytes | None, method: bytes) -> tuple[Origin, bytes]:
+    """The upstream origin and path of a request in origin-form or absolute-form."""
     if method == b"CONNECT":
         raise BadRequest(
             "CONNECT is not supported: send plain HTTP to the agent, which speaks TLS upstream."
@@ -112,56 +123,105 @@ def parse_target(url: bytes, host_header: bytes | None, method: bytes) -> Target
     if url.startswith(b"/") or (url == b"*" and method == b"OPTIONS"):
         if host_header is None:
             raise BadRequest("The request has no Host header.")
-        host, port = parse_authority(host_header)
-        return Target(host, port, url)
+        return origin_of(host_header), url
     scheme, sep, rest = url.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise BadRequest("The request-target must be a path or an http:// URL.")
     slash = rest.find(b"/")
     query = rest.find(b"?")
     cut = min(i for i in (slash, query, len(rest)) if i >= 0)
-    host, port = parse_authority(rest[:cut])
+    origin = origin_of(rest[:cut])
     path = rest[cut:] or b"/"
     if not path.startswith(b"/"):
         path = b"/" + path
-    return Target(host, port, path)
+    return origin, path
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """The field names a Connection header marks as hop-by-hop."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+def _listed(value: bytes, listed: set[bytes] | None) -> set[bytes] | None:
+    """Add the field names a Connection value marks as hop-by-hop (beyond the
+    ones never copied anyway) to ``listed``."""
+    if value == b"keep-alive":  # what nearly every upstream sends
+        return listed
+    tokens = {t.strip().lower() for t in value.split(b",")} - NOT_COPIED
+    if not tokens:
+        return listed
+    return tokens if listed is None else listed | tokens
+
+
+def _without(headers: Headers, listed: set[bytes] | None) -> Headers:
+    if not listed:
+        return headers
+    return [pair for pair in headers if pair[0].lower() not in listed]
 
 
 def copied_headers(headers: Headers) -> Headers:
     """The end-to-end fields of a head, in order, repeats kept."""
-    listed = connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (lower := name.lower()) not in NOT_COPIED and lower not in listed
-    ]
+    copied: Headers = []
+    listed: set[bytes] | None = None
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower not in NOT_COPIED:
+            copied.append(pair)
+        elif lower == b"connection":
+            listed = _listed(pair[1], listed)
+    return _without(copied, listed)
 
 
-def check_request_headers(headers: Headers) -> bytes | None:
-    """The Host value, after refusing heads that two parsers could read apart.
+def request_fields(headers: Headers) -> tuple[Headers, bytes | None, bytes | None, bytes | None]:
+    """One pass over a request head: (copied fields, Host, body framing, Upgrade).
 
-    llhttp already rejects Content-Length beside Transfer-Encoding, repeated
+    The framing is ``b"chunked"``, a Content-Length value (digits), or None. Heads
+    that two parsers could read apart are refused: llhttp already rejects
+    invalid field names, Content-Length beside Transfer-Encoding, repeated
     Content-Length, obs-fold and control characters; two Host fields and
-    invalid field names are refused here.
+    transfer codings other than chunked are refused here.
     """
-    host: bytes | None = None
-    for name, _value in headers:
-        if not _TOKEN.match(name):
-            raise BadRequest("A header field name holds invalid characters.")
-        if name.lower() == b"host":
+    copied: Headers = []
+    listed: set[bytes] | None = None
+    host = framing = upgrade = None
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower not in NOT_COPIED:
+            copied.append(pair)
+        elif lower == b"host":
             if host is not None:
                 raise BadRequest("The request has more than one Host header.")
-            host = _value
-    return host
+            host = pair[1]
+        elif lower == b"transfer-encoding":
+            # llhttp lets "gzip, chunked" through: relayed as plain chunks, the
+            # upstream would take gzip bytes for the body itself
+            if pair[1].strip().lower() != b"chunked":
+                raise BadRequest("Only the chunked transfer coding is accepted on requests.")
+            framing = b"chunked"
+        elif lower == b"content-length":
+            if not pair[1].isdigit():  # llhttp refuses these too; b"chunked" must stay unambiguous
+                raise BadRequest("The Content-Length is not a number.")
+            if framing is None:
+                framing = pair[1]
+        elif lower == b"upgrade":
+            upgrade = pair[1]
+        elif lower == b"connection":
+            listed = _listed(pair[1], listed)
+    return _without(copied, listed), host, framing, upgrade
+
+
+def response_fields(headers: Headers) -> tuple[Headers, bytes | None, bool]:
+    """One pass over a response head: (copied fields, Content-Length, chunked)."""
+    copied: Headers = []
+    listed: set[bytes] | None = None
+    length = None
+    chunked = False
+    for pair in headers:
+        lower = pair[0].lower()
+        if lower not in NOT_COPIED:
+            copied.append(pair)
+        elif lower == b"content-length":
+            length = pair[1]
+        elif lower == b"transfer-encoding":
+            chunked = True
+        elif lower == b"connection":
+            listed = _listed(pair[1], listed)
+    return _without(copied, listed), length, chunked
 
 
 def encode_head(first_line: bytes, headers: Headers, extra: Headers) -> bytes:
@@ -171,6 +231,29 @@ def encode_head(first_line: bytes, headers: Headers, extra: Headers) -> bytes:
         parts += (name, b": ", value, b"\r\n")
     for name, value in extra:
         parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def request_head(
+    method: bytes,
+    path: bytes,
+    authority: bytes,
+    headers: Headers,
+    framing: bytes | None,
+    upgrade: bytes | None,
+) -> bytes:
+    """The head sent upstream: the caller's fields, then Host and the framing."""
+    parts = [method, b" ", path, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"Host: ", authority, b"\r\n")
+    if framing == b"chunked":
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif framing is not None:
+        parts += (b"Content-Length: ", framing, b"\r\n")
+    if upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 

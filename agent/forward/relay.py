@@ -33,14 +33,16 @@ from agent.errors import (
 from agent.forward.deadline import Deadline
 from agent.forward.http import (
     Headers,
-    Target,
-    check_request_headers,
+    Origin,
     chunk,
     copied_headers,
     encode_head,
     error_response,
     last_chunk,
     parse_target,
+    request_fields,
+    request_head,
+    response_fields,
     status_line,
 )
 from agent.forward.upstream import Pool, UpstreamConnection
@@ -78,6 +80,13 @@ class ProxyServer:
         self.limits = limits
         self.allowed_uids = allowed_uids
         self.pool = Pool(limits)
+        #: The shortest delay a client's deadline is set to (see ``Deadline``).
+        self.horizon = min(
+            limits.head_timeout,
+            limits.keepalive_idle,
+            limits.response_timeout,
+            limits.body_idle_timeout,
+        )
         keychain.on_unload(self._unloaded)
         self.clients: set[ClientConnection] = set()
         self.requests_served = 0
@@ -110,7 +119,18 @@ class ProxyServer:
 
 
 class ClientConnection(asyncio.Protocol):
-    """One local caller: parses its requests and answers them in order."""
+    """One local caller: parses its requests and answers them in order.
+
+    Its one deadline serves the connection and the exchange being answered:
+    the head, the response, the body and the keep-alive wait in turn.
+    """
+
+    __slots__ = (
+        "_client_eof", "_corked", "_headers", "_in_head", "_paused", "_queue",
+        "_raw_head_bytes", "_read_size", "_receiving", "_reject", "_url",
+        "_writing_paused", "active", "caller", "closed", "denied", "limits",
+        "loop", "parser", "server", "timer", "transport", "tunnel",
+    )  # fmt: skip
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -118,8 +138,10 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.caller: Caller | None = None
+        #: Why this caller may not use the proxy socket at all (its uid), or None.
+        self.denied: str | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.timer = Deadline(self.loop, self._timed_out)
+        self.timer = Deadline(self.loop, self._timed_out, server.horizon)
         self.closed = False
         self.tunnel: UpstreamConnection | None = None
         self._paused = 0
@@ -128,8 +150,8 @@ class ClientConnection(asyncio.Protocol):
         # the head being parsed
         self._url = b""
         self._headers: Headers = []
-        self._head_size = 0
         self._in_head = False
+        self._read_size = 0
         self._raw_head_bytes = 0
         self._reject: ProxyError | None = None
         self._client_eof = False
@@ -142,7 +164,10 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.caller = caller_of(transport.get_extra_info("socket"))
+        caller = self.caller = caller_of(transport.get_extra_info("socket"))
+        if caller is None or caller.uid not in self.server.allowed_uids:
+            who = "an unknown process" if caller is None else f"uid {caller.uid}"
+            self.denied = f"{who} is not let in on the proxy socket (proxy.allow_uids)"
         self.server.clients.add(self)
         self.timer.set(self.limits.keepalive_idle)
 
@@ -152,6 +177,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._paused & (_UPGRADING | _REFUSED):
             return  # nothing may follow an upgrade request, or a refused one
+        self._read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -165,7 +191,7 @@ class ClientConnection(asyncio.Protocol):
             # raw bytes too: a head that began in this read counts what is parsed
             # of it; each later read belongs to it whole.
             if self._raw_head_bytes < 0:
-                self._raw_head_bytes = len(self._url) + self._head_size
+                self._raw_head_bytes = len(self._url) + _fields_size(self._headers)
             else:
                 self._raw_head_bytes += len(data)
             if self._raw_head_bytes > self.limits.request_line + self.limits.header_bytes:
@@ -189,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.timer.cancel()
+        self.timer.close()
         self.server.clients.discard(self)
         if self.active is not None:
             self.active.client_gone()
@@ -213,7 +239,6 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._head_size = 0
         self._raw_head_bytes = -1  # counted after this read (see data_received)
         self._in_head = True
         if self.active is None:
@@ -231,16 +256,18 @@ class ClientConnection(asyncio.Protocol):
             if self._receiving is not None:
                 self._receiving.trailers.append((name, value))
             return
-        self._headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        if (
-            self._head_size > self.limits.header_bytes
-            or len(self._headers) > self.limits.header_fields
-        ):
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self.limits.header_fields:
             raise self._rejecting(self._head_too_large())
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # the fields' size is only added up when the raw bytes could exceed it
+        limit = self.limits.header_bytes
+        raw = self._read_size + max(self._raw_head_bytes, 0)
+        if raw > limit and _fields_size(self._headers) > limit:
+            raise self._rejecting(self._head_too_large())
         exchange = Exchange(self, self._url, self._headers)
         self._receiving = exchange
         if self.active is None:
@@ -396,26 +423,46 @@ class ClientConnection(asyncio.Protocol):
         self.pause(_UPGRADING)
 
     def _timed_out(self) -> None:
-        # idle keep-alive, or a head that did not arrive in time: just close
-        if self.active is None:
+        if self.active is not None:
+            self.active.timed_out()
+        else:  # idle keep-alive, or a head that did not arrive in time: just close
             self.close()
+
+
+def _fields_size(headers: Headers) -> int:
+    """A head's fields as counted against ``limits.header_bytes``."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 class Exchange:
     """One request and its answer: routing, the upstream, and the relay."""
 
+    __slots__ = (
+        "_audited", "_body_started", "_connect_task", "_framing", "_got_response_bytes",
+        "_interim", "_pooled", "_response_fields_bytes", "_response_head_bytes",
+        "_response_headers", "_response_in_head", "_response_trailers", "_reused",
+        "_status_reason", "_upstream_until_close", "body_framing", "bytes_in", "bytes_out",
+        "client", "close_client", "done", "error", "head_sent", "headers", "limits", "loaded",
+        "method", "origin", "path", "pending", "request_done", "response", "server",
+        "started", "status", "timer", "trailers", "upgrade", "upgrade_bytes", "upstream",
+        "version_10",
+    )  # fmt: skip
+
     def __init__(self, client: ClientConnection, url: bytes, headers: Headers) -> None:
         self.client = client
         self.server = client.server
         self.limits = client.limits
+        self.timer = client.timer
         parser = client.parser
         self.method: bytes = parser.get_method()
-        self.version_10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        self.version_10 = version == "1.0"
         self.close_client = self.version_10 or not parser.should_keep_alive()
         self.upgrade: bytes | None = None
         self.upgrade_bytes = b""
         self.error: ProxyError | None = None
-        self.target: Target | None = None
+        self.origin: Origin | None = None
+        self.path: bytes | None = None
         self.headers: Headers = []
         self.body_framing: bytes | None = None  # b"chunked" or a Content-Length
         self.trailers: Headers = []
@@ -428,7 +475,6 @@ class Exchange:
         self.bytes_out = 0
         self._audited = False
         self.upstream: UpstreamConnection | None = None
-        self.deadline = Deadline(client.loop, self._timed_out)
         self.done = False
         self.head_sent = False
         self._connect_task: asyncio.Task[None] | None = None
@@ -448,7 +494,7 @@ class Exchange:
         self._response_trailers: Headers = []
         self._body_started = False
         try:
-            self._check(url, headers)
+            self._check(url, headers, version)
         except ProxyError as exc:
             self.error = exc
             if isinstance(exc, BadRequest):
@@ -456,57 +502,41 @@ class Exchange:
 
     # --- request side ---
 
-    def _check(self, url: bytes, headers: Headers) -> None:
+    def _check(self, url: bytes, headers: Headers, version: str) -> None:
         client = self.client
-        caller = client.caller
-        if caller is None or caller.uid not in self.server.allowed_uids:
-            who = "an unknown process" if caller is None else f"uid {caller.uid}"
-            raise PeerDenied(reason=f"{who} is not let in on the proxy socket (proxy.allow_uids)")
-        if self.client.parser.get_http_version() not in ("1.0", "1.1"):
+        if client.denied is not None:
+            raise PeerDenied(reason=client.denied)
+        if version != "1.1" and version != "1.0":
             raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
-        host = check_request_headers(headers)
-        self.target = parse_target(url, host, self.method)
-        framing = None
-        upgrade = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                # llhttp lets "gzip, chunked" through: relayed as plain chunks, the
-                # upstream would take gzip bytes for the body itself
-                if value.strip().lower() != b"chunked":
-                    raise BadRequest("Only the chunked transfer coding is accepted on requests.")
-                framing = b"chunked"
-            elif lower == b"content-length" and framing is None:
-                framing = value
-            elif lower == b"upgrade":
-                upgrade = value
+        copied, host, framing, upgrade = request_fields(headers)
+        self.origin, self.path = parse_target(url, host, self.method)
+        self.headers = copied
         self.body_framing = framing
         # a body-less request is whole once its head is: an early answer keeps the connection
         self.request_done = framing is None or framing == b"0"
         if upgrade is not None and client.parser.should_upgrade():
             self.upgrade = upgrade
-        self.headers = copied_headers(headers)
 
     def start(self) -> None:
         """Route and get an upstream connection (from the pool when one is idle)."""
         if self.error is not None:
             self.fail(self.error)
             return
-        assert self.target is not None
+        origin = self.origin
+        assert origin is not None
         if self.done or self.client.closed:
             return
         try:
-            self.loaded = self.server.keychain.route(
-                self.target.host, self.target.port, self.client.caller
-            )
+            loaded = self.server.keychain.route(origin.host, origin.port, self.client.caller)
         except ProxyError as exc:
             self.fail(exc)
             return
         except Exception:  # fail closed, and loudly: never leave a request unanswered
-            log.exception("routing %s failed", self.target)
+            log.exception("routing %s failed", origin.where)
             self.fail(ProxyError("The agent could not handle this request."))
             return
-        conn = self.server.pool.take((self.loaded, self.target.host, self.target.port))
+        self.loaded = loaded
+        conn = self.server.pool.take((loaded, origin.host, origin.port))
         if conn is not None:
             self._attach(conn)
         else:
@@ -517,9 +547,9 @@ class Exchange:
         self._connect_task = self.client.loop.create_task(self._connecting())
 
     async def _connecting(self) -> None:
-        assert self.loaded is not None and self.target is not None
+        assert self.loaded is not None and self.origin is not None
         try:
-            conn = await self.server.pool.connect(self.loaded, self.target)
+            conn = await self.server.pool.connect(self.loaded, self.origin)
         except ProxyError as exc:
             self.fail(exc)
             return
@@ -535,30 +565,31 @@ class Exchange:
             self._attach(conn)
 
     def _attach(self, conn: UpstreamConnection) -> None:
-        assert self.target is not None
+        assert self.origin is not None and self.path is not None
         self.upstream = conn
         self._reused = conn.reused
         conn.user = self
         self.response = httptools.HttpResponseParser(self)
-        extra: Headers = [(b"Host", self.target.authority)]
-        if self.body_framing == b"chunked":
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        elif self.body_framing is not None:
-            extra.append((b"Content-Length", self.body_framing))
-        if self.upgrade is not None:
-            extra += [(b"Connection", b"upgrade"), (b"Upgrade", self.upgrade)]
-        head = encode_head(b"%s %s HTTP/1.1" % (self.method, self.target.path), self.headers, extra)
         transport = conn.transport
         assert transport is not None
-        transport.write(head)
+        transport.write(
+            request_head(
+                self.method,
+                self.path,
+                self.origin.authority,
+                self.headers,
+                self.body_framing,
+                self.upgrade,
+            )
+        )
         if self.pending:
             transport.writelines(self.pending)
             self.pending = []
             self._body_started = True
         if self.request_done or not self._body_started:
-            self.deadline.set(self.limits.response_timeout)
+            self.timer.set(self.limits.response_timeout)
         else:
-            self.deadline.set(self.limits.body_idle_timeout)
+            self.timer.set(self.limits.body_idle_timeout)
         if self.client._writing_paused:
             transport.pause_reading()
 
@@ -573,14 +604,15 @@ class Exchange:
             self.upstream.transport.writelines(parts)  # type: ignore[union-attr]
             if not self.head_sent:
                 self._body_started = True
-                self.deadline.set(self.limits.body_idle_timeout)
+                self.timer.set(self.limits.body_idle_timeout)
 
     def request_complete(self) -> None:
+        had_body = not self.request_done
         self.request_done = True
         if self.done:
             return
-        if self.upstream is not None and not self.head_sent:
-            self.deadline.set(self.limits.response_timeout)
+        if had_body and self.upstream is not None and not self.head_sent:
+            self.timer.set(self.limits.response_timeout)
         if self.body_framing != b"chunked":
             return
         end = last_chunk(self.trailers)
@@ -642,14 +674,14 @@ class Exchange:
             if self._may_retry():
                 self._connect()  # a pooled connection the upstream had just closed
             else:
-                where = f"{self.target.host}:{self.target.port}"  # type: ignore[union-attr]
+                where = self.origin.where  # type: ignore[union-attr]
                 self.fail(UpstreamUnreachable(f"{where} closed the connection without answering."))
         elif self._upstream_until_close and exc is None:
             self._complete()
         else:  # cut short upstream: cut short to the client too
             self._audit(None)
             self.done = True
-            self.deadline.cancel()
+            self.timer.cancel()
             self.client.abort()
 
     def upstream_paused(self, paused: bool) -> None:
@@ -713,7 +745,7 @@ class Exchange:
             self.client.writelines(chunk(body))
         else:
             self.client.write(body)
-        self.deadline.set(self.limits.body_idle_timeout)
+        self.timer.set(self.limits.body_idle_timeout)
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -727,14 +759,7 @@ class Exchange:
         self.status = status
         if self.upgrade is not None:
             self.close_client = True  # a refused upgrade: the client's parser is past it
-        length = None
-        chunked = False
-        for name, value in self._response_headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                chunked = True
-            elif lower == b"content-length":
-                length = value
+        copied, length, chunked = response_fields(self._response_headers)
         extra: Headers = []
         if self.method == b"HEAD" or status in (204, 304):
             self._framing = _NO_BODY
@@ -758,14 +783,14 @@ class Exchange:
         if self.close_client:
             extra.append((b"Connection", b"close"))
         head = status_line(status, self._status_reason)
-        self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
+        self.client.write(encode_head(head, copied, extra))
         self.head_sent = True
-        self.deadline.set(self.limits.body_idle_timeout)
+        self.timer.set(self.limits.body_idle_timeout)
 
     def _complete(self) -> None:
         """The answer is whole: end it, and pool the upstream if it can go on."""
         self.done = True
-        self.deadline.cancel()
+        self.timer.cancel()
         if self._framing == _CHUNKED:
             self.client.write(last_chunk(self._response_trailers))
         reusable = (
@@ -775,6 +800,7 @@ class Exchange:
         )
         self._pooled = self._release(self.server.pool if reusable else None)
         self._audit(None)
+        self.response = None  # the parser refers back here: let refcounting free both
         self.client.exchange_done(self, self.close_client)
 
     def fail(self, error: ProxyError) -> None:
@@ -783,10 +809,11 @@ class Exchange:
             return
         self._audit(error)
         self.done = True
-        self.deadline.cancel()
+        self.timer.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
         self._release(None)
+        self.response = None
         if self.head_sent:
             self.client.abort()
             return
@@ -797,7 +824,7 @@ class Exchange:
     def client_gone(self) -> None:
         self._audit(None)
         self.done = True
-        self.deadline.cancel()
+        self.timer.cancel()
         if self._connect_task is not None:
             self._connect_task.cancel()
         self._release(None)
@@ -829,19 +856,20 @@ class Exchange:
         if audit is None or self._audited:
             return
         self._audited = True
-        target = self.target
+        origin = self.origin
+        loaded = self.loaded
         audit.request(
-            identity=None if self.loaded is None else self.loaded.identity.name,
-            method=self.method,
-            host=None if target is None else target.host,
-            port=None if target is None else target.port,
-            path=None if target is None else target.path,
-            status=error.status if error is not None and not self.head_sent else self.status,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            duration=time.monotonic() - self.started,
-            caller=self.client.caller,
-            error=error,
+            None if loaded is None else loaded.identity.name,
+            self.method,
+            None if origin is None else origin.host,
+            None if origin is None else origin.port,
+            self.path,
+            error.status if error is not None and not self.head_sent else self.status,
+            self.bytes_in,
+            self.bytes_out,
+            time.monotonic() - self.started,
+            self.client.caller,
+            error,
         )
 
     def _bad_response(self, message: str) -> None:
@@ -854,7 +882,7 @@ class Exchange:
         self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
         self.status = 101
         self.head_sent = True
-        self.deadline.cancel()
+        self.timer.cancel()
         if upstream_bytes:
             self.client.write(upstream_bytes)
         self.client.start_tunnel(self.upstream, self.upgrade_bytes)  # type: ignore[arg-type]
@@ -875,7 +903,7 @@ class Exchange:
             return True
         return False
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         if self.done:
             return
         if not self.head_sent and self._body_started and not self.request_done:
@@ -887,7 +915,7 @@ class Exchange:
                 self.upstream.abort()
             self.client.close()
         elif not self.head_sent:
-            where = f"{self.target.host}:{self.target.port}"  # type: ignore[union-attr]
+            where = self.origin.where  # type: ignore[union-attr]
             self.fail(
                 UpstreamTimeout(
                     f"{where} sent no response head within {self.limits.response_timeout:g} s."

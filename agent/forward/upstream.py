@@ -27,7 +27,7 @@ from agent.identity import spki_pin
 from agent.keychain import LoadedIdentity
 
 if TYPE_CHECKING:
-    from agent.forward.http import Target
+    from agent.forward.http import Origin
 
 
 class UpstreamUser(Protocol):
@@ -137,19 +137,19 @@ class Pool:
                 return conn
         return None
 
-    async def connect(self, loaded: LoadedIdentity, target: Target) -> UpstreamConnection:
+    async def connect(self, loaded: LoadedIdentity, origin: Origin) -> UpstreamConnection:
         """A new connection: TCP, the TLS handshake with the client chain, pins."""
         loop = asyncio.get_running_loop()
-        key = (loaded, target.host, target.port)
-        where = f"{target.host}:{target.port}"
+        key = (loaded, origin.host, origin.port)
+        where = origin.where
         try:
             async with asyncio.timeout(self._limits.connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(key),
-                    target.host,
-                    target.port,
+                    origin.host,
+                    origin.port,
                     ssl=loaded.context,
-                    server_hostname=target.host,
+                    server_hostname=origin.host,
                     # the outer timeout decides; this only keeps ssl from racing it
                     ssl_handshake_timeout=self._limits.connect_timeout + 1,
                 )
@@ -177,7 +177,9 @@ class Pool:
             return
         conn.user = None
         conn.idle_since = time.monotonic()
-        idle = self._idle.setdefault(conn.key, [])
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
         idle.append(conn)
         if len(idle) > self._limits.pool_max_idle and self._trimmer is None:
             self._trimmer = asyncio.get_running_loop().call_later(TRIM_DELAY, self._trim)

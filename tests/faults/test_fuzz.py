@@ -38,11 +38,12 @@ from agent.errors import (
     VaultError,
 )
 from agent.forward.http import (
-    check_request_headers,
     copied_headers,
-    encode_head,
     parse_authority,
     parse_target,
+    request_fields,
+    request_head,
+    response_fields,
 )
 from agent.identity import HostPattern, Identity, check_pin, load_pem_certificates, load_pkcs12
 from agent.vault import Vault
@@ -180,14 +181,15 @@ requests = request_heads() | st.lists(request_heads(), min_size=2, max_size=3).m
 @given(url=targets, host=st.none() | authorities, method=methods)
 def test_parse_target_raises_only_bad_request(url: bytes, host: bytes | None, method: bytes):
     try:
-        target = parse_target(url, host, method)
+        origin, path = parse_target(url, host, method)
     except BadRequest:
         return
-    assert target.host and 0 < target.port < 65536
-    assert target.path.startswith(b"/") or target.path == b"*"
-    authority = target.authority  # encodable, so it can go upstream
+    assert origin.host and 0 < origin.port < 65536
+    assert path.startswith(b"/") or path == b"*"
+    authority = origin.authority  # encodable, so it can go upstream
     assert b"\r" not in authority and b"\n" not in authority and b" " not in authority
     assert b"@" not in authority and b"/" not in authority
+    assert parse_authority(authority) == (origin.host, origin.port)
 
 
 @FUZZ
@@ -204,27 +206,57 @@ def test_parse_authority_gives_a_canonical_host_or_bad_request(raw: bytes) -> No
     ) == (host, port)
 
 
+HOP_BY_HOP = {
+    b"host",
+    b"content-length",
+    b"transfer-encoding",
+    b"connection",
+    b"upgrade",
+    b"te",
+    b"keep-alive",
+    b"proxy-authorization",
+}
+
+
+def listed_by_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+
+
 @FUZZ
 @given(headers=st.lists(st.tuples(header_names, header_values), max_size=10))
-def test_header_checks_raise_only_bad_request_and_never_copy_hop_by_hop(headers) -> None:
+def test_request_fields_raise_only_bad_request_and_never_copy_hop_by_hop(headers) -> None:
     try:
-        check_request_headers(headers)
+        copied, host, framing, upgrade = request_fields(headers)
     except BadRequest:
         return
-    copied = copied_headers(headers)
     names = {n.lower() for n, _ in copied}
-    assert not names & {
-        b"host",
-        b"content-length",
-        b"transfer-encoding",
-        b"connection",
-        b"upgrade",
-        b"te",
-        b"keep-alive",
-        b"proxy-authorization",
-    }
-    head = encode_head(b"GET / HTTP/1.1", copied, [(b"Host", b"a.example")])
-    assert head.endswith(b"\r\n\r\n")
+    assert not names & (HOP_BY_HOP | listed_by_connection(headers))
+    assert copied == copied_headers(headers)
+    hosts = [v for n, v in headers if n.lower() == b"host"]
+    assert host == (hosts[0] if hosts else None) and len(hosts) <= 1
+    if framing == b"chunked":
+        assert any(n.lower() == b"transfer-encoding" for n, _ in headers)
+    elif framing is not None:
+        assert framing.isdigit()
+    head = request_head(b"GET", b"/", b"a.example", copied, framing, upgrade)
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\nHost: ") == 1
+
+
+@FUZZ
+@given(headers=st.lists(st.tuples(header_names, header_values), max_size=10))
+def test_response_fields_never_copy_hop_by_hop(headers) -> None:
+    copied, length, chunked = response_fields(headers)
+    names = {n.lower() for n, _ in copied}
+    assert not names & (HOP_BY_HOP | listed_by_connection(headers))
+    assert copied == copied_headers(headers)
+    assert chunked == any(n.lower() == b"transfer-encoding" for n, _ in headers)
+    lengths = [v for n, v in headers if n.lower() == b"content-length"]
+    assert length == (lengths[-1] if lengths else None)
 
 
 # --- the request head: the real relay, in process -------------------------------------
