@@ -48,9 +48,7 @@ class Deadline:
             self._handle = None
 
     def _arm(self, when: float) -> None:
-        self._handle = self._loop.call_at(
-            min(when, self._loop.time() + self._horizon), self._fire
-        )
+        self._handle = self._loop.call_at(min(when, self._loop.time() + self._horizon), self._fire)
 
     def _fire(self) -> None:
         self._handle = None
