@@ -87,57 +87,101 @@ def encode_event(when: float, kind: str, caller: Any, fields: dict[str, Any]) ->
 
 
 _REQUEST_LINE = (
-    '{"time":%s,"event":"request","identity":%s,"method":%s,"host":%s,"port":%s,'
-    '"path":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%r,'
-    '"pid":%s,"uid":%s,"gid":%s,"exe":%s,"error":%s%s}\n'
+    '{"time":"%s.%03dZ","event":"request",%s,"path":%s,"status":%d,"bytes_in":%d,'
+    '"bytes_out":%d,"duration_ms":%.3f,%s,"error":%s%s}\n'
 )
+#: Distinct routes, callers and paths whose encoded fields are kept.
+FRAGMENTS_CACHED = 1024
+#: Longer paths are encoded each time rather than kept.
+CACHED_PATH_BYTES = 256
 
 
 class _RequestEncoder:
     """Request lines from a template: one is written per forwarded request, so
     the document is not built as a dict and run through json.dumps. Every
-    string still goes through json's own (C) escaper; the time's seconds are
-    formatted once per second."""
+    string still goes through json's own (C) escaper; what repeats from one
+    request to the next (the route, the caller, the time's seconds) is
+    encoded once."""
 
     def __init__(self) -> None:
         self._second = -1
         self._second_text = ""
+        self._routes: dict[tuple[Any, ...], str] = {}
+        self._callers: dict[tuple[Any, ...], str] = {}
+        self._paths: dict[Any, str] = {}
 
-    def _time(self, when: float) -> str:
+    def __call__(self, when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
+        identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
+        key = (identity, method, host, port)
+        route = self._routes.get(key)
+        if route is None:
+            route = _kept(self._routes, key, _route_fields(*key))
+        if caller is None:
+            who = _NO_CALLER
+        else:
+            key = (caller.pid, caller.uid, caller.gid, getattr(caller, "exe", None))
+            who = self._callers.get(key)
+            if who is None:
+                who = _kept(self._callers, key, _caller_json(*key))
         second = int(when)
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f'"{self._second_text}.{int((when - second) * 1000):03d}Z"'
-
-    def __call__(self, when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
-        identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
-        if isinstance(method, bytes):
-            method = method.decode("ascii", "replace")
-        who = _caller_fields(caller)
-        reason = getattr(error, "reason", None)
-        code = None if error is None else getattr(error, "code", type(error).__name__)
+        if error is None:
+            code = "null"
+            reason = ""
+        else:
+            code = _escape(getattr(error, "code", type(error).__name__))
+            text = getattr(error, "reason", None)
+            reason = f',"reason":{_escape(text)}' if text else ""
         return (
             _REQUEST_LINE
             % (
-                self._time(when),
-                _json_str(identity),
-                _json_str(method),
-                _json_str(host),
-                "null" if port is None else int(port),
-                _json_str(request_path(path)),
+                self._second_text,
+                int((when - second) * 1000),
+                route,
+                self._paths.get(path) or self._path(path),
                 status,
                 bytes_in,
                 bytes_out,
-                round(duration * 1000, 3),
-                _json_int(who["pid"]),
-                _json_int(who["uid"]),
-                _json_int(who["gid"]),
-                _json_str(who["exe"]),
-                _json_str(code),
-                f',"reason":{_json_str(reason)}' if reason else "",
+                duration * 1000,
+                who,
+                code,
+                reason,
             )
         ).encode("ascii")
+
+    def _path(self, path: bytes | str | None) -> str:
+        """``request_path`` as JSON; kept for the short paths that repeat."""
+        text = _json_str(request_path(path))
+        if path is not None and len(path) <= CACHED_PATH_BYTES:
+            _kept(self._paths, path, text)
+        return text
+
+
+def _kept(cache: dict[Any, str], key: Any, value: str) -> str:
+    if len(cache) >= FRAGMENTS_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _route_fields(identity: str | None, method: bytes | str, host: str | None, port: Any) -> str:
+    if isinstance(method, bytes):
+        method = method.decode("ascii", "replace")
+    port_json = "null" if port is None else int(port)
+    return (
+        f'"identity":{_json_str(identity)},"method":{_json_str(method)},'
+        f'"host":{_json_str(host)},"port":{port_json}'
+    )
+
+
+def _caller_json(pid: int | None, uid: int | None, gid: int | None, exe: str | None) -> str:
+    return (
+        f'"pid":{_json_int(pid)},"uid":{_json_int(uid)},"gid":{_json_int(gid)},'
+        f'"exe":{_json_str(exe)}'
+    )
+
 
 
 def _json_str(value: str | None) -> str:
@@ -149,6 +193,7 @@ def _json_int(value: int | None) -> str:
 
 
 _escape = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_NO_CALLER = _caller_json(None, None, None, None)
 
 
 def identity_fields(identity: Any) -> dict[str, Any]:

@@ -191,7 +191,11 @@ class ClientConnection(asyncio.Protocol):
             # raw bytes too: a head that began in this read counts what is parsed
             # of it; each later read belongs to it whole.
             if self._raw_head_bytes < 0:
+                # the head began in this read: its time runs from now (a head
+                # that arrives whole in one read never needs the timer)
                 self._raw_head_bytes = len(self._url) + _fields_size(self._headers)
+                if self.active is None:
+                    self.timer.set(self.limits.head_timeout)
             else:
                 self._raw_head_bytes += len(data)
             if self._raw_head_bytes > self.limits.request_line + self.limits.header_bytes:
@@ -241,8 +245,6 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._raw_head_bytes = -1  # counted after this read (see data_received)
         self._in_head = True
-        if self.active is None:
-            self.timer.set(self.limits.head_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -439,8 +441,8 @@ class Exchange:
 
     __slots__ = (
         "_audited", "_body_started", "_connect_task", "_framing", "_got_response_bytes",
-        "_interim", "_pooled", "_response_fields_bytes", "_response_head_bytes",
-        "_response_headers", "_response_in_head", "_response_trailers", "_reused",
+        "_interim", "_pooled", "_response_head_bytes", "_response_headers",
+        "_response_in_head", "_response_read", "_response_trailers", "_reused",
         "_status_reason", "_upstream_until_close", "body_framing", "bytes_in", "bytes_out",
         "client", "close_client", "done", "error", "head_sent", "headers", "limits", "loaded",
         "method", "origin", "path", "pending", "request_done", "response", "server",
@@ -487,7 +489,7 @@ class Exchange:
         self._response_in_head = True
         self._response_head_bytes = 0
         self._got_response_bytes = False
-        self._response_fields_bytes = 0
+        self._response_read = 0
         self._interim = False
         self._framing = _NO_BODY
         self._upstream_until_close = False
@@ -624,18 +626,14 @@ class Exchange:
     # --- upstream connection events ---
 
     def upstream_data(self, data: bytes) -> None:
+        """Relay what one upstream read holds; the client gets it in one write."""
         self._got_response_bytes = True
-        if self.client.tunnel is not None:
-            self.client.write(data)
-            return
         client = self.client
+        if client.tunnel is not None:
+            client.write(data)
+            return
+        self._response_read = len(data)
         client.cork()
-        try:
-            self._parse_response(data)
-        finally:
-            client.uncork()
-
-    def _parse_response(self, data: bytes) -> None:
         try:
             self.response.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as upgrade:
@@ -647,11 +645,13 @@ class Exchange:
         except httptools.HttpParserError:
             self._bad_response("The upstream answered something that is not valid HTTP/1.1.")
             return
+        finally:
+            client.uncork()
         if self._response_in_head and not self.done:
             # as for requests: a head that began in this read counts its parsed
             # fields, each later read belongs to it whole
             if self._response_head_bytes < 0:
-                self._response_head_bytes = self._response_fields_bytes
+                self._response_head_bytes = _fields_size(self._response_headers)
             else:
                 self._response_head_bytes += len(data)
             if self._response_head_bytes > self.limits.upstream_head_bytes:
@@ -701,7 +701,6 @@ class Exchange:
         self._response_headers = []
         self._response_in_head = True
         self._response_head_bytes = -1  # counted after this read (see upstream_data)
-        self._response_fields_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._status_reason += reason
@@ -709,7 +708,6 @@ class Exchange:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response_in_head:
             self._response_headers.append((name, value))
-            self._response_fields_bytes += len(name) + len(value) + 4
         else:
             self._response_trailers.append((name, value))
 
@@ -717,7 +715,9 @@ class Exchange:
         self._response_in_head = False
         if self.done:
             return
-        if self._response_fields_bytes > self.limits.upstream_head_bytes:
+        limit = self.limits.upstream_head_bytes
+        raw = self._response_read + max(self._response_head_bytes, 0)
+        if raw > limit and _fields_size(self._response_headers) > limit:
             self._response_head_too_large()
             return
         status = self.response.get_status_code()  # type: ignore[union-attr]
@@ -837,7 +837,8 @@ class Exchange:
         paused for that connection's full buffer, is resumed.
         """
         conn, self.upstream = self.upstream, None
-        self.client.resume(_UPSTREAM_FULL)
+        if self.client._paused & _UPSTREAM_FULL:
+            self.client.resume(_UPSTREAM_FULL)
         if conn is None:
             return None
         conn.user = None
