@@ -265,10 +265,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        # the fields' size is only added up when the raw bytes could exceed it
+        # the fields are only added up when the head spanned reads, or its one
+        # read is larger than the limit
         limit = self.limits.header_bytes
-        raw = self._read_size + max(self._raw_head_bytes, 0)
-        if raw > limit and _fields_size(self._headers) > limit:
+        could_exceed = self._raw_head_bytes >= 0 or self._read_size > limit
+        if could_exceed and _fields_size(self._headers) > limit:
             raise self._rejecting(self._head_too_large())
         exchange = Exchange(self, self._url, self._headers)
         self._receiving = exchange
@@ -716,8 +717,8 @@ class Exchange:
         if self.done:
             return
         limit = self.limits.upstream_head_bytes
-        raw = self._response_read + max(self._response_head_bytes, 0)
-        if raw > limit and _fields_size(self._response_headers) > limit:
+        could_exceed = self._response_head_bytes >= 0 or self._response_read > limit  # see requests
+        if could_exceed and _fields_size(self._response_headers) > limit:
             self._response_head_too_large()
             return
         status = self.response.get_status_code()  # type: ignore[union-attr]
@@ -741,10 +742,13 @@ class Exchange:
         if self.done:
             return
         self.bytes_out += len(body)
+        client = self.client
         if self._framing == _CHUNKED:
-            self.client.writelines(chunk(body))
+            client.writelines(chunk(body))
+        elif client._corked is not None and not client.closed:
+            client._corked.append(body)  # the usual way: within upstream_data
         else:
-            self.client.write(body)
+            client.write(body)
         self.timer.set(self.limits.body_idle_timeout)
 
     def on_message_complete(self) -> None:
