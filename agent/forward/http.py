@@ -109,8 +109,8 @@ def origin_of(raw: bytes) -> Origin:
     A refused value raises ``BadRequest`` every time: errors are not cached.
     """
     host, port = parse_authority(raw)
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    authority = where.rpartition(":")[0] if port == 443 else where
+    bracketed = f"[{host}]" if ":" in host else host
+    authority = bracketed if port == 443 else f"{bracketed}:{port}"
     return Origin(host, port, authority.encode("ascii"), f"{host}:{port}")
 
 
