@@ -488,3 +488,53 @@ def test_request_lines_are_valid_json_whatever_the_strings_hold() -> None:
     assert (doc["status"], doc["error"]) == (403, "peer-denied")
     assert doc["reason"] == 'rule "exe" failed\n'
     assert b"secret" not in line
+
+
+def test_request_lines_stay_right_across_the_encoders_kept_fragments() -> None:
+    """Routes, callers and paths repeat, so their encoded forms are kept: a line
+    must still carry its own, when the caches fill up and when a caller's
+    program becomes known (an attested executable replaces the first look)."""
+    from agent.audit import FRAGMENTS_CACHED, _RequestEncoder
+
+    class Proc:
+        def __init__(self, pid: int, exe: str | None) -> None:
+            self.pid, self.uid, self.gid, self.exe = pid, 1000, 1000, exe
+
+    encode = _RequestEncoder()
+    caller = Proc(1, None)
+    expected = []
+    lines = []
+    for i in range(FRAGMENTS_CACHED * 2 + 3):
+        if i == FRAGMENTS_CACHED:
+            caller.exe = "/usr/bin/curl"  # attested later on the same connection
+        who = caller if i % 3 else Proc(i, f"/bin/p{i % 5}")
+        path = f"/item/{i % (FRAGMENTS_CACHED + 7)}?q={i}".encode()
+        method = (b"GET", "POST", b"HEAD")[i % 3]
+        fields = (
+            f"id{i % 4}",
+            method,
+            f"h{i % 11}.example",
+            443 + i % 2,
+            path,
+            200,
+            i,
+            2 * i,
+            0.001,
+            None,
+        )
+        lines.append(json.loads(encode(1700000000.0 + i, who, fields)))
+        expected.append(
+            {
+                "identity": f"id{i % 4}",
+                "method": method.decode() if isinstance(method, bytes) else method,
+                "host": f"h{i % 11}.example",
+                "port": 443 + i % 2,
+                "path": f"/item/{i % (FRAGMENTS_CACHED + 7)}",
+                "bytes_in": i,
+                "bytes_out": 2 * i,
+                "pid": who.pid,
+                "exe": who.exe,
+            }
+        )
+    for line, want in zip(lines, expected, strict=True):
+        assert {key: line[key] for key in want} == want
