@@ -39,6 +39,9 @@ _LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
 _HOSTNAME = re.compile(rb"^" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?$")
 _PORT = re.compile(rb"^[0-9]{1,5}$")
 
+#: The longest DNS name in text, with the dot that may end it.
+MAX_HOST_NAME = 254
+
 #: Distinct Host values whose parse is kept (``origin_of``): a caller talks to
 #: a handful of hosts, and a flood of new names only costs a parse each.
 ORIGINS_CACHED = 4096
@@ -88,7 +91,7 @@ def parse_authority(raw: bytes) -> tuple[str, int]:
         if not sep:
             name, port_bytes = raw, b""
         port_text = port_bytes if sep else None
-        if not _HOSTNAME.match(name):
+        if len(name) > MAX_HOST_NAME or not _HOSTNAME.match(name):
             raise BadRequest("The Host is not a valid host name or address.")
         host = name.decode("ascii").lower().rstrip(".")
     return host, _port(port_text)

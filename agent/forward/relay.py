@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from contextlib import suppress
 
 import httptools
 
@@ -255,8 +256,21 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:  # a trailer field after a chunked body
-            if self._receiving is not None:
-                self._receiving.trailers.append((name, value))
+            receiving = self._receiving
+            if receiving is not None:
+                receiving.trailers.append((name, value))
+                receiving.trailer_bytes += len(name) + len(value) + 4
+                limits = self.limits
+                if (
+                    receiving.trailer_bytes > limits.header_bytes
+                    or len(receiving.trailers) > limits.header_fields
+                ):
+                    raise self._rejecting(
+                        HeadersTooLarge(
+                            f"The request's trailer fields exceed {limits.header_bytes} bytes "
+                            f"or {limits.header_fields} fields."
+                        )
+                    )
             return
         headers = self._headers
         headers.append((name, value))
@@ -266,10 +280,12 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         # the fields are only added up when the head spanned reads, or its one
-        # read is larger than the limit
+        # read could hold more than the limit (a field counts one byte more
+        # than its shortest form on the wire, "name:value\r\n")
         limit = self.limits.header_bytes
-        could_exceed = self._raw_head_bytes >= 0 or self._read_size > limit
-        if could_exceed and _fields_size(self._headers) > limit:
+        headers = self._headers
+        could_exceed = self._raw_head_bytes >= 0 or self._read_size + len(headers) > limit
+        if could_exceed and _fields_size(headers) > limit:
             raise self._rejecting(self._head_too_large())
         exchange = Exchange(self, self._url, self._headers)
         self._receiving = exchange
@@ -443,11 +459,13 @@ class Exchange:
     __slots__ = (
         "_audited", "_body_started", "_connect_task", "_framing", "_got_response_bytes",
         "_interim", "_pooled", "_response_head_bytes", "_response_headers",
-        "_response_in_head", "_response_read", "_response_trailers", "_reused",
+        "_response_in_head", "_response_read", "_response_trailer_bytes",
+        "_response_trailers", "_reused",
         "_status_reason", "_upstream_until_close", "body_framing", "bytes_in", "bytes_out",
         "client", "close_client", "done", "error", "head_sent", "headers", "limits", "loaded",
         "method", "origin", "path", "pending", "request_done", "response", "server",
-        "started", "status", "timer", "trailers", "upgrade", "upgrade_bytes", "upstream",
+        "started", "status", "timer", "trailer_bytes", "trailers", "upgrade",
+        "upgrade_bytes", "upstream",
         "version_10",
     )  # fmt: skip
 
@@ -469,6 +487,7 @@ class Exchange:
         self.headers: Headers = []
         self.body_framing: bytes | None = None  # b"chunked" or a Content-Length
         self.trailers: Headers = []
+        self.trailer_bytes = 0
         self.pending: list[bytes] = []
         self.request_done = False
         self.loaded: LoadedIdentity | None = None
@@ -495,6 +514,7 @@ class Exchange:
         self._framing = _NO_BODY
         self._upstream_until_close = False
         self._response_trailers: Headers = []
+        self._response_trailer_bytes = 0
         self._body_started = False
         try:
             self._check(url, headers, version)
@@ -511,7 +531,11 @@ class Exchange:
             raise PeerDenied(reason=client.denied)
         if version != "1.1" and version != "1.0":
             raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
-        copied, host, framing, upgrade = request_fields(headers)
+        try:
+            copied, host, framing, upgrade = request_fields(headers)
+        except BadRequest:
+            self._name_target(url, headers)
+            raise
         self.origin, self.path = parse_target(url, host, self.method)
         self.headers = copied
         self.body_framing = framing
@@ -519,6 +543,14 @@ class Exchange:
         self.request_done = framing is None or framing == b"0"
         if upgrade is not None and client.parser.should_upgrade():
             self.upgrade = upgrade
+
+    def _name_target(self, url: bytes, headers: Headers) -> None:
+        """Where a head refused for its fields was going, for its audit line,
+        when its one Host (or its URL) says so."""
+        hosts = [value for name, value in headers if name.lower() == b"host"]
+        if len(hosts) < 2:
+            with suppress(BadRequest):
+                self.origin, self.path = parse_target(url, hosts[0] if hosts else None, self.method)
 
     def start(self) -> None:
         """Route and get an upstream connection (from the pool when one is idle)."""
@@ -709,16 +741,24 @@ class Exchange:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response_in_head:
             self._response_headers.append((name, value))
-        else:
-            self._response_trailers.append((name, value))
+            return
+        self._response_trailers.append((name, value))
+        self._response_trailer_bytes += len(name) + len(value) + 4
+        if self._response_trailer_bytes > self.limits.upstream_head_bytes:
+            self._bad_response(
+                f"The upstream's trailer fields exceed {self.limits.upstream_head_bytes} bytes."
+            )
 
     def on_headers_complete(self) -> None:
         self._response_in_head = False
         if self.done:
             return
         limit = self.limits.upstream_head_bytes
-        could_exceed = self._response_head_bytes >= 0 or self._response_read > limit  # see requests
-        if could_exceed and _fields_size(self._response_headers) > limit:
+        headers = self._response_headers
+        reason = self._status_reason
+        # as for requests: added up only when the head could exceed the limit
+        could_exceed = self._response_head_bytes >= 0 or self._response_read + len(headers) > limit
+        if could_exceed and len(reason) + _fields_size(headers) > limit:
             self._response_head_too_large()
             return
         status = self.response.get_status_code()  # type: ignore[union-attr]
@@ -730,6 +770,10 @@ class Exchange:
             return
         if 100 <= status < 200:
             self._interim = True
+            if status == 100 and not self.request_done:
+                # the upstream asked for the body: a wait from now on is the client's
+                self._body_started = True
+                self.timer.set(self.limits.body_idle_timeout)
             if not self.version_10:
                 head = status_line(status, self._status_reason)
                 self.client.write(encode_head(head, copied_headers(self._response_headers), []))
