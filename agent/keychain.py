@@ -28,6 +28,10 @@ from agent.vault import Vault, VaultKey
 
 log = logging.getLogger(__name__)
 
+#: Routes kept for reuse (``Keychain.route``); a caller walking through more
+#: hosts than this only costs each one a lookup in the router again.
+ROUTES_KEPT = 4096
+
 
 def read_identities(vault: Vault) -> tuple[dict[str, Identity], dict[str, str]]:
     """Every stored identity's metadata by name, and why any could not be read.
@@ -75,6 +79,9 @@ class Keychain:
         self._identities: dict[str, Identity] = {}
         self._loaded: dict[str, LoadedIdentity] = {}
         self._router = Router(())
+        #: (host, port) → (identity, its expiry) for routes that need no caller
+        #: rule; emptied on every lock, unlock and reload (see ``route``).
+        self._routes: dict[tuple[str, int], tuple[LoadedIdentity, float]] = {}
         #: Names of the identities with caller rules: the only ones routing consults rules for.
         self._ruled: frozenset[str] = frozenset()
         self._expiry: dict[str, float] = {}
@@ -136,6 +143,7 @@ class Keychain:
         dropped = list(self._loaded.values())
         self._key = None
         self._loaded = {}
+        self._routes = {}
         self.broken = {name: r for name, r in self.broken.items() if name not in self._identities}
         self.unlocked_at = None
         self.unlock_timeout = None
@@ -163,6 +171,7 @@ class Keychain:
         self._router = Router(identities.values())
         self._ruled = frozenset(name for name, i in identities.items() if i.callers)
         self._expiry = {name: i.not_after.timestamp() for name, i in identities.items()}
+        self._routes = {}
         self._notify(dropped, locking=False)
 
     def _read(
@@ -223,8 +232,13 @@ class Keychain:
 
         Caller rules are consulted only when the most specific identity has
         some, so identities without rules cost nothing more. Rules admit no
-        caller that is not given (None): they fail closed.
+        caller that is not given (None): they fail closed. A route without
+        rules is kept until the next change of state, and used while its
+        identity has not expired.
         """
+        kept = self._routes.get((host, port))
+        if kept is not None and time.time() < kept[1]:
+            return kept[0]
         candidates = self._router.candidates(host, port)
         if not candidates:
             shown = host if port == 443 else f"{host}:{port}"
@@ -233,7 +247,8 @@ class Keychain:
                 f"'agentctl import NAME FILE.p12 --host {host}'."
             )
         identity = candidates[0]
-        if self._ruled and identity.name in self._ruled:
+        ruled = bool(self._ruled) and identity.name in self._ruled
+        if ruled:
             try:
                 identity = choose(candidates, host, port, caller)
             except PeerDenied as exc:
@@ -241,7 +256,8 @@ class Keychain:
                 raise
         if self._key is None:
             raise Locked()
-        if time.time() >= self._expiry[identity.name]:
+        expiry = self._expiry[identity.name]
+        if time.time() >= expiry:
             raise IdentityExpired(
                 f"The identity '{identity.name}' for {host} expired at "
                 f"{identity.not_after.isoformat()}; {_renewal_hint(identity)}."
@@ -252,6 +268,10 @@ class Keychain:
             raise NoIdentityForHost(
                 f"The identity '{identity.name}' for {host} could not be loaded: {reason}"
             )
+        if not ruled:
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes = {}
+            self._routes[(host, port)] = (loaded, expiry)
         return loaded
 
 

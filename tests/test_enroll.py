@@ -32,7 +32,7 @@ from support.nginx import Nginx
 from support.pki import P12_PASSWORD, Pki, p12_modern
 from support.registration_server import RegistrationServer
 
-from agent.errors import EnrollmentError, IdentityExpired
+from agent.errors import EnrollmentError, IdentityExpired, Locked
 from agent.est import parse_certs_only, retry_after
 from agent.identity import PENDING_FORMAT, Identity, new_identity
 from agent.keychain import Keychain
@@ -471,6 +471,29 @@ def test_expired_identity_is_not_presented_and_says_when_and_how_to_renew(
     assert leaf.cert.not_valid_after_utc.isoformat() in message
     assert "'agentctl import old FILE.p12" in message
     assert nginx.access_log(mark) == []
+
+
+async def test_a_kept_route_is_not_used_past_its_expiry_or_after_a_lock(
+    agent_env: AgentEnv, vault: Vault, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Routes are kept between requests: the keeping must not outlive the
+    identity's validity or the unlocked state."""
+    leaf = pki.issue_client(lifetime=dt.timedelta(hours=1))
+    identity = new_identity("soon", leaf.key, leaf.chain, ["api.example.com"])
+    vault.store("soon", identity.to_metadata(), leaf.key)
+    keychain = Keychain(vault, agent_env.runtime_dir)
+    await keychain.unlock(PASSPHRASE)
+    first = keychain.route("api.example.com", 443)
+    assert keychain.route("api.example.com", 443) is first
+    later = identity.not_after.timestamp() + 1
+    monkeypatch.setattr("agent.keychain.time.time", lambda: later)
+    with pytest.raises(IdentityExpired):
+        keychain.route("api.example.com", 443)
+    monkeypatch.undo()
+    assert keychain.route("api.example.com", 443) is first
+    keychain.lock()
+    with pytest.raises(Locked):
+        keychain.route("api.example.com", 443)
 
 
 async def test_expired_est_identity_says_to_run_agentctl_renew(
