@@ -183,7 +183,6 @@ def _caller_json(pid: int | None, uid: int | None, gid: int | None, exe: str | N
     )
 
 
-
 def _json_str(value: str | None) -> str:
     return "null" if value is None else _escape(value)
 
