@@ -110,8 +110,21 @@ class _RequestEncoder:
         self._callers: dict[tuple[Any, ...], str] = {}
         self._paths: dict[Any, str] = {}
 
-    def __call__(self, when: float, caller: Any, fields: tuple[Any, ...]) -> bytes:
-        identity, method, host, port, path, status, bytes_in, bytes_out, duration, error = fields
+    def __call__(
+        self,
+        when: float,
+        caller: Any,
+        identity: str | None,
+        method: bytes | str,
+        host: str | None,
+        port: int | None,
+        path: bytes | str | None,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        error: BaseException | None,
+    ) -> bytes:
         key = (identity, method, host, port)
         route = self._routes.get(key)
         if route is None:
@@ -311,9 +324,11 @@ class AuditLog:
         seconds; ``error`` is the agent's own error when it answered itself
         (its ``reason``, for a denied caller, names the rule that refused).
         """
-        fields = (identity, method, host, port, path, status, bytes_in, bytes_out, duration, error)
         try:
-            line = self._encode_request(time.time(), caller, fields)
+            line = self._encode_request(
+                time.time(), caller, identity, method, host, port, path, status,
+                bytes_in, bytes_out, duration, error,
+            )  # fmt: skip
         except (TypeError, ValueError) as exc:  # a field that is not JSON: a bug, not a crash
             log.error("audit line for a request not written: %s", exc)
             return

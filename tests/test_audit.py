@@ -477,7 +477,7 @@ def test_request_lines_are_valid_json_whatever_the_strings_hold() -> None:
     line = encode(
         1700000000.25,
         Odd(),
-        ("work", b"GET", "h\u00f6st", None, b'/a"b\\c\x01?token=secret', 403, 0, 0, 0.5, error),
+        *("work", b"GET", "h\u00f6st", None, b'/a"b\\c\x01?token=secret', 403, 0, 0, 0.5, error),
     )
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     doc = json.loads(line)
@@ -522,7 +522,7 @@ def test_request_lines_stay_right_across_the_encoders_kept_fragments() -> None:
             0.001,
             None,
         )
-        lines.append(json.loads(encode(1700000000.0 + i, who, fields)))
+        lines.append(json.loads(encode(1700000000.0 + i, who, *fields)))
         expected.append(
             {
                 "identity": f"id{i % 4}",

@@ -680,7 +680,11 @@ class Exchange:
             return
         finally:
             client.uncork()
-        if self._response_in_head and not self.done:
+        if self.done:
+            return
+        if self.head_sent:  # the answer's idle time runs from its last read
+            self.timer.set(self.limits.body_idle_timeout)
+        elif self._response_in_head:
             # as for requests: a head that began in this read counts its parsed
             # fields, each later read belongs to it whole
             if self._response_head_bytes < 0:
@@ -793,7 +797,6 @@ class Exchange:
             client._corked.append(body)  # the usual way: within upstream_data
         else:
             client.write(body)
-        self.timer.set(self.limits.body_idle_timeout)
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -832,8 +835,7 @@ class Exchange:
             extra.append((b"Connection", b"close"))
         head = status_line(status, self._status_reason)
         self.client.write(encode_head(head, copied, extra))
-        self.head_sent = True
-        self.timer.set(self.limits.body_idle_timeout)
+        self.head_sent = True  # upstream_data sets the body's idle time
 
     def _complete(self) -> None:
         """The answer is whole: end it, and pool the upstream if it can go on."""
