@@ -151,27 +151,36 @@ def _listed(value: bytes, listed: set[bytes] | None) -> set[bytes] | None:
     return tokens if listed is None else listed | tokens
 
 
-def _without(headers: Headers, listed: set[bytes] | None) -> Headers:
-    if not listed:
-        return headers
-    return [pair for pair in headers if pair[0].lower() not in listed]
+#: A field as a line of a head, without its CRLF: b"Name: value".
+_line = b": ".join
 
 
-def copied_headers(headers: Headers) -> Headers:
-    """The end-to-end fields of a head, in order, repeats kept."""
-    copied: Headers = []
+def _end_to_end(headers: Headers, listed: set[bytes]) -> list[bytes]:
+    """The lines of the fields that are neither hop-by-hop nor listed by Connection."""
+    return [
+        _line(pair)
+        for pair in headers
+        if (lower := pair[0].lower()) not in NOT_COPIED and lower not in listed
+    ]
+
+
+def field_lines(headers: Headers) -> list[bytes]:
+    """The end-to-end fields of a head as its lines, in order, repeats kept."""
+    lines = []
     listed: set[bytes] | None = None
     for pair in headers:
         lower = pair[0].lower()
         if lower not in NOT_COPIED:
-            copied.append(pair)
+            lines.append(_line(pair))
         elif lower == b"connection":
             listed = _listed(pair[1], listed)
-    return _without(copied, listed)
+    return lines if not listed else _end_to_end(headers, listed)
 
 
-def request_fields(headers: Headers) -> tuple[Headers, bytes | None, bytes | None, bytes | None]:
-    """One pass over a request head: (copied fields, Host, body framing, Upgrade).
+def request_fields(
+    headers: Headers,
+) -> tuple[list[bytes], bytes | None, bytes | None, bytes | None]:
+    """One pass over a request head: (its end-to-end field lines, Host, body framing, Upgrade).
 
     The framing is ``b"chunked"``, a Content-Length value (digits), or None. Heads
     that two parsers could read apart are refused: llhttp already rejects
@@ -179,13 +188,13 @@ def request_fields(headers: Headers) -> tuple[Headers, bytes | None, bytes | Non
     Content-Length, obs-fold and control characters; two Host fields and
     transfer codings other than chunked are refused here.
     """
-    copied: Headers = []
+    lines = []
     listed: set[bytes] | None = None
     host = framing = upgrade = None
     for pair in headers:
         lower = pair[0].lower()
         if lower not in NOT_COPIED:
-            copied.append(pair)
+            lines.append(_line(pair))
         elif lower == b"host":
             if host is not None:
                 raise BadRequest("The request has more than one Host header.")
@@ -205,60 +214,55 @@ def request_fields(headers: Headers) -> tuple[Headers, bytes | None, bytes | Non
             upgrade = pair[1]
         elif lower == b"connection":
             listed = _listed(pair[1], listed)
-    return _without(copied, listed), host, framing, upgrade
+    if listed:
+        lines = _end_to_end(headers, listed)
+    return lines, host, framing, upgrade
 
 
-def response_fields(headers: Headers) -> tuple[Headers, bytes | None, bool]:
-    """One pass over a response head: (copied fields, Content-Length, chunked)."""
-    copied: Headers = []
+def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bool]:
+    """One pass over a response head: (its end-to-end field lines, Content-Length, chunked)."""
+    lines = []
     listed: set[bytes] | None = None
     length = None
     chunked = False
     for pair in headers:
         lower = pair[0].lower()
         if lower not in NOT_COPIED:
-            copied.append(pair)
+            lines.append(_line(pair))
         elif lower == b"content-length":
             length = pair[1]
         elif lower == b"transfer-encoding":
             chunked = True
         elif lower == b"connection":
             listed = _listed(pair[1], listed)
-    return _without(copied, listed), length, chunked
+    if listed:
+        lines = _end_to_end(headers, listed)
+    return lines, length, chunked
 
 
-def encode_head(first_line: bytes, headers: Headers, extra: Headers) -> bytes:
-    """One head: a first line, copied fields, then the relay's own fields."""
-    parts = [first_line, b"\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    for name, value in extra:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+def encode_head(first_line: bytes, lines: list[bytes]) -> bytes:
+    """A head from its first line and its field lines."""
+    return b"\r\n".join([first_line, *lines, b"\r\n"])
 
 
 def request_head(
     method: bytes,
     path: bytes,
     authority: bytes,
-    headers: Headers,
+    lines: list[bytes],
     framing: bytes | None,
     upgrade: bytes | None,
 ) -> bytes:
     """The head sent upstream: the caller's fields, then Host and the framing."""
-    parts = [method, b" ", path, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (b"Host: ", authority, b"\r\n")
+    head = [b"%s %s HTTP/1.1" % (method, path), *lines, b"Host: " + authority]
     if framing == b"chunked":
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        head.append(b"Transfer-Encoding: chunked")
     elif framing is not None:
-        parts += (b"Content-Length: ", framing, b"\r\n")
+        head.append(b"Content-Length: " + framing)
     if upgrade is not None:
-        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        head += (b"Connection: upgrade", b"Upgrade: " + upgrade)
+    head.append(b"\r\n")
+    return b"\r\n".join(head)
 
 
 def status_line(status: int, reason: bytes) -> bytes:
@@ -275,15 +279,15 @@ def _reason(status: int) -> bytes:
 def error_response(error: ProxyError, *, close: bool) -> bytes:
     """The agent's own answer: never mistaken for the upstream's."""
     body = json.dumps({"error": error.code, "message": error.message}).encode("utf-8") + b"\n"
-    headers = [
-        (b"Content-Type", b"application/json"),
-        (b"Mtls-Agent-Error", error.code.encode("ascii")),
-        (b"Content-Length", str(len(body)).encode("ascii")),
-        (b"Cache-Control", b"no-store"),
+    lines = [
+        b"Content-Type: application/json",
+        b"Mtls-Agent-Error: " + error.code.encode("ascii"),
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-store",
     ]
     if close:
-        headers.append((b"Connection", b"close"))
-    return encode_head(status_line(error.status, b""), [], headers) + body
+        lines.append(b"Connection: close")
+    return encode_head(status_line(error.status, b""), lines) + body
 
 
 def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -293,8 +297,4 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 def last_chunk(trailers: Headers) -> bytes:
     """The end of a chunked body, with the end-to-end trailer fields."""
-    parts = [b"0\r\n"]
-    for name, value in copied_headers(trailers):
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return b"\r\n".join([b"0", *field_lines(trailers), b"\r\n"])

@@ -36,9 +36,9 @@ from agent.forward.http import (
     Headers,
     Origin,
     chunk,
-    copied_headers,
     encode_head,
     error_response,
+    field_lines,
     last_chunk,
     parse_target,
     request_fields,
@@ -484,7 +484,8 @@ class Exchange:
         self.error: ProxyError | None = None
         self.origin: Origin | None = None
         self.path: bytes | None = None
-        self.headers: Headers = []
+        #: The caller's end-to-end fields, as head lines.
+        self.headers: list[bytes] = []
         self.body_framing: bytes | None = None  # b"chunked" or a Content-Length
         self.trailers: Headers = []
         self.trailer_bytes = 0
@@ -532,12 +533,12 @@ class Exchange:
         if version != "1.1" and version != "1.0":
             raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
         try:
-            copied, host, framing, upgrade = request_fields(headers)
+            lines, host, framing, upgrade = request_fields(headers)
         except BadRequest:
             self._name_target(url, headers)
             raise
         self.origin, self.path = parse_target(url, host, self.method)
-        self.headers = copied
+        self.headers = lines
         self.body_framing = framing
         # a body-less request is whole once its head is: an early answer keeps the connection
         self.request_done = framing is None or framing == b"0"
@@ -780,7 +781,7 @@ class Exchange:
                 self.timer.set(self.limits.body_idle_timeout)
             if not self.version_10:
                 head = status_line(status, self._status_reason)
-                self.client.write(encode_head(head, copied_headers(self._response_headers), []))
+                self.client.write(encode_head(head, field_lines(self._response_headers)))
             return
         self._send_response_head(status)
         if self._framing == _NO_BODY and self.method == b"HEAD":
@@ -810,15 +811,14 @@ class Exchange:
         self.status = status
         if self.upgrade is not None:
             self.close_client = True  # a refused upgrade: the client's parser is past it
-        copied, length, chunked = response_fields(self._response_headers)
-        extra: Headers = []
+        lines, length, chunked = response_fields(self._response_headers)
         if self.method == b"HEAD" or status in (204, 304):
             self._framing = _NO_BODY
             if length is not None:
-                extra.append((b"Content-Length", length))
+                lines.append(b"Content-Length: " + length)
         elif length is not None and not chunked:
             self._framing = _LENGTH
-            extra.append((b"Content-Length", length))
+            lines.append(b"Content-Length: " + length)
         else:
             # chunked, or delimited by the upstream closing: HTTP/1.1 clients
             # get chunks (trailers kept), HTTP/1.0 clients read until close
@@ -828,13 +828,12 @@ class Exchange:
                 self.close_client = True
             else:
                 self._framing = _CHUNKED
-                extra.append((b"Transfer-Encoding", b"chunked"))
+                lines.append(b"Transfer-Encoding: chunked")
         if not self.request_done:
             self.close_client = True  # the upstream answered before the body was all sent
         if self.close_client:
-            extra.append((b"Connection", b"close"))
-        head = status_line(status, self._status_reason)
-        self.client.write(encode_head(head, copied, extra))
+            lines.append(b"Connection: close")
+        self.client.write(encode_head(status_line(status, self._status_reason), lines))
         self.head_sent = True  # upstream_data sets the body's idle time
 
     def _complete(self) -> None:
@@ -928,9 +927,9 @@ class Exchange:
 
     def _switch_protocols(self, upstream_bytes: bytes) -> None:
         """The upstream accepted the upgrade: relay its 101, then raw bytes."""
-        extra: Headers = [(b"Connection", b"upgrade"), (b"Upgrade", self.upgrade or b"")]
-        head = status_line(101, self._status_reason)
-        self.client.write(encode_head(head, copied_headers(self._response_headers), extra))
+        lines = field_lines(self._response_headers)
+        lines += (b"Connection: upgrade", b"Upgrade: " + (self.upgrade or b""))
+        self.client.write(encode_head(status_line(101, self._status_reason), lines))
         self.status = 101
         self.head_sent = True
         self.timer.cancel()
