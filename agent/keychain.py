@@ -22,7 +22,7 @@ from pathlib import Path
 from agent.errors import AgentError, IdentityExpired, Locked, NoIdentityForHost, PeerDenied
 from agent.identity import Identity, build_ssl_context
 from agent.peer import Caller
-from agent.policy import choose
+from agent.policy import choose, shown
 from agent.routing import Router
 from agent.vault import Vault, VaultKey
 
@@ -241,9 +241,8 @@ class Keychain:
             return kept[0]
         candidates = self._router.candidates(host, port)
         if not candidates:
-            shown = host if port == 443 else f"{host}:{port}"
             raise NoIdentityForHost(
-                f"No identity is bound to {shown}; import one with "
+                f"No identity is bound to {shown(host, port)}; import one with "
                 f"'agentctl import NAME FILE.p12 --host {host}'."
             )
         identity = candidates[0]

@@ -163,7 +163,8 @@ class Candidate(Protocol):
 C = TypeVar("C", bound=Candidate)
 
 
-def _shown(host: str, port: int) -> str:
+def shown(host: str, port: int) -> str:
+    """``host``, or ``host:port`` when the port is not https's: as messages name a target."""
     return host if port == 443 else f"{host}:{port}"
 
 
@@ -188,12 +189,12 @@ def choose(candidates: Sequence[C], host: str, port: int, caller: Caller | None)
         if admitted:
             names = " and ".join(f"'{c.name}'" for c in admitted)
             raise PeerDenied(
-                f"No single identity for {_shown(host, port)} admits this process.",
-                reason=f"identities {names} both admit this caller for {_shown(host, port)};"
+                f"No single identity for {shown(host, port)} admits this process.",
+                reason=f"identities {names} both admit this caller for {shown(host, port)};"
                 " give them rules that tell their callers apart",
             )
     raise PeerDenied(
-        f"No identity for {_shown(host, port)} admits this process.",
+        f"No identity for {shown(host, port)} admits this process.",
         reason="; ".join(refusals) or "no identity is bound to the host",
     )
 
