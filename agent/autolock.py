@@ -1,9 +1,11 @@
 """When the agent locks itself: idle, too long unlocked, suspend, session lock.
 
-- ``lock_after_idle``: no request answered for that long. The proxy's
-  ``requests_served`` counter is polled (a tenth of the setting, between
-  50 ms and a minute), so the data plane pays nothing per request and the
-  lock comes at most one poll interval late.
+- ``lock_after_idle``: no request under way and none answered for that
+  long. A download, upload or tunnel in progress is use, however long it
+  takes: the lock would cut it. The proxy's ``requests_served`` counter and
+  ``busy()`` are polled (a tenth of the setting, between 50 ms and a
+  minute), so the data plane pays nothing per request and the lock comes at
+  most one poll interval late.
 - ``max_unlocked``: that long after an unlock, busy or not. ``agentctl unlock
   --timeout`` sets it for one unlock.
 - On Linux, logind's suspend and session-lock signals (``lock_on_suspend``,
@@ -22,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import Config
 from agent.keychain import Keychain
@@ -51,6 +53,16 @@ _LOG_LINES = {
 }
 
 
+class Traffic(Protocol):
+    """What the idle lock watches of the proxy."""
+
+    requests_served: int
+
+    def busy(self) -> bool:
+        """Whether a request or tunnel is under way."""
+        ...
+
+
 def _seconds(value: float) -> str:
     return f"{value:g}s"
 
@@ -62,7 +74,7 @@ class AutoLock:
         self,
         keychain: Keychain,
         config: Config,
-        requests_served: Callable[[], int],
+        traffic: Traffic,
         on_lock: Callable[[str], None] | None = None,
     ) -> None:
         self._keychain = keychain
@@ -70,7 +82,7 @@ class AutoLock:
         self._config = config
         self._idle = config.lock_after_idle
         self._poll = min(max(self._idle / 10, _POLL_MIN), _POLL_MAX)
-        self._requests = requests_served
+        self._traffic = traffic
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watcher: LogindWatcher | None = None
@@ -163,12 +175,13 @@ class AutoLock:
         return min(deadlines) if deadlines else None
 
     async def _run(self) -> None:
-        seen = self._requests()
+        traffic = self._traffic
+        seen = traffic.requests_served
         while True:
             self._wake.clear()
             now = time.monotonic()
-            count = self._requests()
-            if count != seen:
+            count = traffic.requests_served
+            if count != seen or traffic.busy():
                 seen, self._last_active = count, now
             wait: float | None = None
             unlocked_at = self._keychain.unlocked_at

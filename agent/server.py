@@ -206,9 +206,7 @@ class Agent:
             retry_max=config.renewal_retry_max,
             on_renewed=self._audit_renewal,
         )
-        self.autolock = AutoLock(
-            self.keychain, config, lambda: self.proxy.requests_served, on_lock=self._audit_lock
-        )
+        self.autolock = AutoLock(self.keychain, config, self.proxy, on_lock=self._audit_lock)
         self._stopping = asyncio.Event()
 
     def _audit_renewal(self, identity: Identity) -> None:

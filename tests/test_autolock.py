@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
-from support.agent import AgentEnv, AgentProcess, start_agent
+from support.agent import AgentEnv, AgentProcess, start_agent, write_secret_file
 from support.clients import curl
 from support.dbus import FakeLogind, PrivateBus, released
+from support.nginx import Nginx
+from support.pki import P12_PASSWORD, Pki
 
 from agent.vault import Vault
 
@@ -82,6 +85,45 @@ def test_idle_lock_waits_for_requests_to_stop(agent_env: AgentEnv, vault: Vault)
     assert info["autolock"]["last_lock"] == "idle"
     assert locked_at - before_last >= 1.0
     assert "locked (no request for lock_after_idle)" in render(info)
+
+
+def test_idle_lock_waits_for_a_long_upload_to_end(
+    agent_env: AgentEnv, vault: Vault, pki: Pki, nginx: Nginx
+) -> None:
+    """A transfer longer than lock_after_idle is use, not idleness: the lock
+    would cut it. Its clock starts when the answer has gone back."""
+    password = write_secret_file(agent_env.root, P12_PASSWORD, "p12")
+    agent_env.agentctl(
+        "import", "work", pki.client_p12("modern"), "--host=localhost",
+        "--ca", pki.root_pem, "--p12-password-file", password,
+    )  # fmt: skip
+    body = b"slow upload\n" * 12
+    with agent_with(agent_env, 'lock_after_idle = "1s"\n'):
+        unlock(agent_env)
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(WAIT)
+            conn.connect(str(agent_env.proxy_socket))
+            conn.sendall(
+                f"PUT /upload/idle-lock.txt HTTP/1.1\r\nHost: {nginx.host_header}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            busy_until = time.monotonic() + 2.5  # well past the idle time
+            sent = 0
+            while time.monotonic() < busy_until:
+                conn.sendall(body[sent : sent + 4])
+                sent += 4
+                assert status(agent_env)["state"] == "unlocked"
+                time.sleep(0.1)
+            conn.sendall(body[sent:])
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        answered = time.monotonic()
+        info, locked_at = wait_locked(agent_env)
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert nginx.uploaded("idle-lock.txt").read_bytes() == body
+    assert info["autolock"]["last_lock"] == "idle"
+    assert locked_at - answered >= 0.9  # from the end of the transfer, within a poll
 
 
 def test_max_unlocked_locks_however_busy(agent_env: AgentEnv, vault: Vault) -> None:

@@ -113,6 +113,11 @@ class ProxyServer:
                 if client.tunnel is not None:
                     client.abort()
 
+    def busy(self) -> bool:
+        """Whether a request or tunnel is under way: polled by the idle lock,
+        so that counting costs the relay nothing per request."""
+        return any(c.active is not None or c.tunnel is not None for c in self.clients)
+
     def close(self) -> None:
         for client in list(self.clients):
             client.close()
