@@ -186,11 +186,18 @@ def parse_config(text: str, where: str = "config.toml") -> Config:
     return Config(**{**{f.name: getattr(base, f.name) for f in fields(Config)}, "limits": limits})
 
 
-def load_config(path: Path) -> Config:
-    """The config at ``path``, or the defaults when there is no such file."""
+def load_config(path: Path, *, required: bool = False) -> Config:
+    """The config at ``path``, or the defaults when there is no such file.
+
+    A file named on the command line is ``required``: a typo in its path
+    would otherwise start the agent with none of its settings (no idle
+    lock, say) and no word of it.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file (named with --config).") from None
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}.") from None

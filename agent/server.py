@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the agent takes no settings from a file another user controls; use one of"
                 " your own (--config PATH)",
             )
-        config = load_config(config_file)
+        config = load_config(config_file, required=args.config is not None)
         tune_process()
         prepare_runtime_dir(paths.runtime_dir)
         check_vault(paths.vault_dir)

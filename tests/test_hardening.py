@@ -374,10 +374,10 @@ def _check_not_dumpable(
     assert "\nUmask:\t0077\n" in status
 
 
-def refused_start(env: AgentEnv) -> str:
+def refused_start(env: AgentEnv, *args: str) -> str:
     """Run the agent, which must refuse to start: its stderr."""
     proc = subprocess.run(
-        console_script("mtls-agent", "agent"), env=env.env, cwd=env.root,
+        [*console_script("mtls-agent", "agent"), *args], env=env.env, cwd=env.root,
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
@@ -443,6 +443,12 @@ def test_the_agent_refuses_a_config_file_others_can_write(agent_env: AgentEnv) -
     said = refused_start(agent_env)
     assert f"{config} can be written by other users" in said
     assert f"chmod 600 {config}" in said
+
+
+def test_a_config_file_named_on_the_command_line_must_exist(agent_env: AgentEnv) -> None:
+    missing = agent_env.root / "confg.toml"  # a typo: the settings would be silently lost
+    said = refused_start(agent_env, "--config", str(missing))
+    assert f"{missing}: no such file (named with --config)" in said
 
 
 def test_a_second_agent_refuses_and_the_first_keeps_its_sockets(
