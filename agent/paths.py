@@ -9,6 +9,7 @@ control socket beside it.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,20 @@ def make_private_dirs(folder: Path) -> None:
 
 
 def _runtime_dir() -> Path:
-    # platformdirs falls back to a folder in /tmp (with a warning) when
-    # XDG_RUNTIME_DIR is unset; that fallback is what we want, quietly.
-    with warnings.catch_warnings():
+    """``$XDG_RUNTIME_DIR/mtls-agent`` whenever the variable names a folder.
+
+    Recent platformdirs quietly moves elsewhere when that folder is not
+    0700, so the agent would listen somewhere its user never looks. The
+    agent's own folder inside is made 0700 and checked at start
+    (``server.prepare_runtime_dir``), which is what keeps the sockets private.
+    Only when the variable is unset (or not an absolute path, which XDG says
+    to ignore) is platformdirs' fallback used: ``/run/user/$UID`` when it is
+    the user's own and private, else a folder in the temporary directory.
+    """
+    named = os.environ.get("XDG_RUNTIME_DIR", "")
+    if sys.platform != "darwin" and os.path.isabs(named):
+        return Path(named) / APP_NAME
+    with warnings.catch_warnings():  # platformdirs warns about its fallback
         warnings.simplefilter("ignore")
         return Path(platformdirs.user_runtime_dir(APP_NAME))
 

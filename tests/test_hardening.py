@@ -402,6 +402,30 @@ def test_the_agent_refuses_a_runtime_folder_others_can_write(agent_env: AgentEnv
     assert f"chmod 700 {agent_env.runtime_dir}" in said
 
 
+def test_an_xdg_runtime_dir_that_is_not_0700_is_still_where_the_sockets_go(
+    agent_env: AgentEnv, vault: Vault, agents: list[AgentProcess]
+) -> None:
+    """Made with a plain mkdir (0755), it is still the user's choice: the
+    sockets must not move silently to some other folder. The agent's own
+    folder inside is 0700."""
+    os.chmod(agent_env.xdg_runtime_dir, 0o755)
+    del agent_env.env["MTLS_AGENT_SOCK"]  # found from XDG_RUNTIME_DIR alone
+    agents.append(start_agent(agent_env))
+    assert stat.S_IMODE(agent_env.runtime_dir.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(agent_env.proxy_socket.stat().st_mode)
+    said = agent_env.agentctl("env").stdout
+    assert f"MTLS_AGENT_SOCK={agent_env.proxy_socket}" in said
+    assert "state:       locked" in agent_env.agentctl("status").stdout
+
+
+def test_an_xdg_runtime_dir_others_can_write_is_refused_not_replaced(
+    agent_env: AgentEnv,
+) -> None:
+    os.chmod(agent_env.xdg_runtime_dir, 0o777)
+    said = refused_start(agent_env)
+    assert f"{agent_env.xdg_runtime_dir} can be written by other users (mode 777)" in said
+
+
 def test_the_agent_refuses_a_runtime_folder_of_another_user(
     agent_env: AgentEnv, second_user: pwd.struct_passwd
 ) -> None:
