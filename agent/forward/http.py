@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from agent.errors import BadRequest, ProxyError
+from agent.errors import BadRequest, ProxyError, UpstreamBadResponse
 
 # Hop-by-hop fields (RFC 9110 §7.6.1) plus the ones the relay always sets
 # itself (Host and the body framing), so they are never copied through.
@@ -220,7 +220,10 @@ def request_fields(
 
 
 def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bool]:
-    """One pass over a response head: (its end-to-end field lines, Content-Length, chunked)."""
+    """One pass over a response head: (its end-to-end field lines, Content-Length, chunked).
+
+    UpstreamBadResponse for a transfer coding other than chunked.
+    """
     lines = []
     listed: set[bytes] | None = None
     length = None
@@ -232,6 +235,14 @@ def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bool]:
         elif lower == b"content-length":
             length = pair[1]
         elif lower == b"transfer-encoding":
+            # the agent sends no TE field, so chunked is the only coding an
+            # upstream may use; "gzip, chunked" relayed as plain chunks would
+            # hand the client gzip bytes as the body
+            if pair[1].strip().lower() != b"chunked":
+                raise UpstreamBadResponse(
+                    "The upstream used a transfer coding other than chunked,"
+                    " which the agent never offers."
+                )
             chunked = True
         elif lower == b"connection":
             listed = _listed(pair[1], listed)

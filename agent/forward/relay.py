@@ -789,7 +789,7 @@ class Exchange:
                 self.client.write(encode_head(head, field_lines(self._response_headers)))
             return
         self._send_response_head(status)
-        if self._framing == _NO_BODY and self.method == b"HEAD":
+        if self._framing == _NO_BODY and self.method == b"HEAD" and not self.done:
             self._complete()  # llhttp would wait for a body that a HEAD answer never has
 
     def on_body(self, body: bytes) -> None:
@@ -816,7 +816,11 @@ class Exchange:
         self.status = status
         if self.upgrade is not None:
             self.close_client = True  # a refused upgrade: the client's parser is past it
-        lines, length, chunked = response_fields(self._response_headers)
+        try:
+            lines, length, chunked = response_fields(self._response_headers)
+        except UpstreamBadResponse as exc:
+            self.fail(exc)
+            return
         if self.method == b"HEAD" or status in (204, 304):
             self._framing = _NO_BODY
             if length is not None:

@@ -128,6 +128,24 @@ FAULTS = [
         502,
         "upstream-bad-response",
     ),
+    Fault(
+        "transfer-coding-gzip-then-chunked",  # relayed as plain chunks: gzip bytes as the body
+        lambda: respond(
+            OK_HEAD
+            + b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\n\x1f\x8b\x08\x00\x00\r\n0\r\n\r\n",
+            then="keep",
+        ),
+        "good",
+        502,
+        "upstream-bad-response",
+    ),
+    Fault(
+        "transfer-coding-gzip-until-close",
+        lambda: respond(OK_HEAD + b"Transfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00\x00"),
+        "good",
+        502,
+        "upstream-bad-response",
+    ),
     Fault("closes-before-answering", lambda: respond(b""), "good", 502, "upstream-unreachable"),
     Fault("resets-before-answering", lambda: reset_after(b""), "good", 502, "upstream-unreachable"),
     Fault(
