@@ -88,6 +88,24 @@ class CallerRules:
     def __bool__(self) -> bool:
         return bool(self.uids or self.gids or self.exes or self.exe_sha256)
 
+    def excludes(self, other: CallerRules) -> bool:
+        """Whether no process can pass both rule sets.
+
+        A process has one uid, one primary gid and one executable (so one
+        hash): two sets exclude each other when both list the same kind of
+        rule with no value in common. Rules of different kinds (a uid here,
+        an executable there) can both admit one process.
+        """
+        return any(
+            mine and theirs and set(mine).isdisjoint(theirs)
+            for mine, theirs in (
+                (self.uids, other.uids),
+                (self.gids, other.gids),
+                (self.exes, other.exes),
+                (self.exe_sha256, other.exe_sha256),
+            )
+        )
+
     def refusal(self, caller: Caller | None) -> str | None:
         """None when ``caller`` passes every rule, else the failed rule in a sentence.
 

@@ -58,22 +58,27 @@ def _add(found: list[Identity], entries: Iterable[_Entry], port: int) -> None:
 def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:
     """Sentences naming each host pattern that ``new`` would tie on.
 
-    Two identities may share a pattern when both carry caller rules, and not
-    the same ones: they are meant for different callers, and each request
-    goes to the one whose rules admit its caller (``agent.policy.choose``).
+    Two identities may share a pattern when their caller rules exclude each
+    other: they are meant for different callers, and each request goes to
+    the one whose rules admit its caller (``agent.policy.choose``). Rules
+    that one process could pass both would make a tie at request time.
     """
     others = [i for i in existing if i.name != new.name]
     problems = []
     for pattern in new.hosts:
         for other in others:
-            if pattern not in other.hosts:
+            if pattern not in other.hosts or new.callers.excludes(other.callers):
                 continue
             if not (new.callers and other.callers):
                 why = "; two identities may share a pattern only when both have caller rules"
             elif new.callers == other.callers:
                 why = " with the same caller rules"
             else:
-                continue
+                why = (
+                    " with caller rules one process could pass both; give both a rule of one"
+                    " kind (allow-uid, allow-gid, allow-exe or allow-exe-sha256) with no value"
+                    " in common"
+                )
             problems.append(
                 f"host pattern '{pattern}' is already bound to identity '{other.name}'{why}"
             )

@@ -121,6 +121,8 @@ def test_two_identities_share_a_host_only_with_distinct_rules_on_both(
     agent_env.agentctl("policy", "first", "--allow-uid", "1")
     same = import_identity(agent_env, pki, "second", "--allow-uid", "1", check=False)
     assert same.returncode == 1 and "with the same caller rules" in same.stderr
+    overlap = import_identity(agent_env, pki, "second", "--allow-exe", "/usr/bin/curl", check=False)
+    assert overlap.returncode == 1 and "one process could pass both" in overlap.stderr
     import_identity(agent_env, pki, "second", "--allow-uid", "2")
     cleared = agent_env.agentctl("policy", "first", "--clear", check=False)
     assert cleared.returncode == 1 and "cannot change the rules of 'first'" in cleared.stderr

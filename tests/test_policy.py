@@ -244,7 +244,12 @@ def test_rules_on_disk_that_cannot_be_trusted_refuse_the_identity(
         (NO_RULES, CallerRules(uids=(1,)), "may share a pattern only when both"),
         (CallerRules(uids=(1,)), CallerRules(uids=(1,)), "with the same caller rules"),
         (CallerRules(uids=(1,)), CallerRules(uids=(2,)), None),
-        (CallerRules(uids=(1,)), CallerRules(exes=("/usr/bin/curl",)), None),
+        (CallerRules(uids=(1, 2)), CallerRules(uids=(2, 3)), "one process could pass both"),
+        (CallerRules(uids=(1,)), CallerRules(exes=("/usr/bin/curl",)), "could pass both"),
+        (CallerRules(gids=(1,)), CallerRules(uids=(1,), gids=(2,)), None),
+        (CallerRules(exes=("/usr/bin/curl",)), CallerRules(exes=("/usr/bin/wget",)), None),
+        (CallerRules(exe_sha256=("a" * 64,)), CallerRules(exe_sha256=("b" * 64,)), None),
+        (CallerRules(exes=("/usr/bin/curl",)), CallerRules(exe_sha256=("b" * 64,)), "pass both"),
     ],
 )
 def test_a_shared_host_pattern_needs_distinct_rules_on_both_identities(
