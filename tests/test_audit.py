@@ -12,6 +12,7 @@ import json
 import os
 import select
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -415,6 +416,53 @@ def test_each_forwarded_request_is_audited_with_its_caller(
     assert (first["uid"], first["gid"], first["exe"]) == (os.getuid(), os.getgid(), curl_exe)
     assert isinstance(first["pid"], int) and first["pid"] != serving.pid
     assert (second["method"], second["path"], second["bytes_in"]) == ("POST", "/echo/up", 100)
+
+
+def _raw_answer(sock: Path, request: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(WAIT)
+        conn.connect(str(sock))
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_requests_refused_in_their_head_are_audited_too(
+    agent_env: AgentEnv, serving: AgentProcess, nginx: Nginx
+) -> None:
+    """Smuggling attempts and oversized heads are answered by the agent
+    before any exchange exists: they still leave a line."""
+    host = nginx.host_header
+    refused = {
+        "garbage": (b"HELLO THERE\r\n\r\n", 400),
+        "smuggling": (
+            b"POST /s?token=q-secret HTTP/1.1\r\nHost: %s\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % host.encode(),
+            400,
+        ),
+        "long-line": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        "big-head": (
+            b"GET /big HTTP/1.1\r\nHost: %s\r\n" % host.encode()
+            + b"X-Fill: %s\r\n" % (b"f" * 8000) * 9
+            + b"\r\n",
+            431,
+        ),
+    }
+    for request, status in refused.values():
+        answer = _raw_answer(agent_env.proxy_socket, request)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    got = wait_for_entries(agent_env.audit_log, lambda es: len(events(es, "request")) >= 4)
+    garbage, smuggling, long_line, big_head = events(got, "request")
+    assert (garbage["status"], garbage["error"], garbage["method"]) == (400, "bad-request", None)
+    assert (smuggling["status"], smuggling["method"], smuggling["path"]) == (400, "POST", "/s")
+    assert (smuggling["host"], smuggling["port"]) == ("localhost", nginx.port)
+    assert (long_line["status"], long_line["error"]) == (414, "bad-request")
+    assert (big_head["status"], big_head["path"], big_head["host"]) == (431, "/big", "localhost")
+    for line in (garbage, smuggling, long_line, big_head):
+        assert line["identity"] is None and line["uid"] == os.getuid()
+    assert b"q-secret" not in agent_env.audit_log.read_bytes()
 
 
 def test_the_audit_log_never_holds_a_query_a_header_or_a_body(

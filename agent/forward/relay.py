@@ -423,14 +423,42 @@ class ClientConnection(asyncio.Protocol):
         self.pause(_REFUSED)
         self._queue.clear()
         receiving, self._receiving = self._receiving, None
+        if receiving is not None and receiving is self.active:
+            self.active.close_client = True
+            self.active.fail(error)
+            return
+        if receiving is not None:
+            receiving._audit(error)  # queued behind the answer in progress: never started
+        else:
+            self._audit_refused_head(error)
         if self.active is None:
             self.write(error_response(error, close=True))
             self.close()
-        elif receiving is self.active:
-            self.active.close_client = True
-            self.active.fail(error)
         else:  # let the answer in progress finish, then close
             self.active.close_client = True
+
+    def _audit_refused_head(self, error: ProxyError) -> None:
+        """The audit line of a head refused before it made an exchange: with
+        what was parsed of it (the method once the URL began, the target when
+        its one Host says so)."""
+        audit = self.server.audit
+        if audit is None:
+            return
+        method = self.parser.get_method() if self._url else None
+        origin, path = _named_target(self._url, self._headers, method or b"GET")
+        audit.request(
+            None,
+            method,
+            None if origin is None else origin.host,
+            None if origin is None else origin.port,
+            path or None,
+            error.status,
+            0,
+            0,
+            0.0,
+            self.caller,
+            error,
+        )
 
     def _upgrade_requested(self, rest: bytes) -> None:
         """llhttp stops at an upgrade (or CONNECT): nothing after it is HTTP any more."""
@@ -451,6 +479,16 @@ class ClientConnection(asyncio.Protocol):
             self.active.timed_out()
         else:  # idle keep-alive, or a head that did not arrive in time: just close
             self.close()
+
+
+def _named_target(url: bytes, headers: Headers, method: bytes) -> tuple[Origin | None, bytes]:
+    """Where a refused head was going, for its audit line: the origin when
+    its one Host (or its URL) says so, and the path."""
+    hosts = [value for name, value in headers if name.lower() == b"host"]
+    if len(hosts) < 2:
+        with suppress(BadRequest):
+            return parse_target(url, hosts[0] if hosts else None, method)
+    return None, url
 
 
 def _fields_size(headers: Headers) -> int:
@@ -540,7 +578,7 @@ class Exchange:
         try:
             lines, host, framing, upgrade = request_fields(headers)
         except BadRequest:
-            self._name_target(url, headers)
+            self.origin, self.path = _named_target(url, headers, self.method)
             raise
         self.origin, self.path = parse_target(url, host, self.method)
         self.headers = lines
@@ -549,14 +587,6 @@ class Exchange:
         self.request_done = framing is None or framing == b"0"
         if upgrade is not None and client.parser.should_upgrade():
             self.upgrade = upgrade
-
-    def _name_target(self, url: bytes, headers: Headers) -> None:
-        """Where a head refused for its fields was going, for its audit line,
-        when its one Host (or its URL) says so."""
-        hosts = [value for name, value in headers if name.lower() == b"host"]
-        if len(hosts) < 2:
-            with suppress(BadRequest):
-                self.origin, self.path = parse_target(url, hosts[0] if hosts else None, self.method)
 
     def start(self) -> None:
         """Route and get an upstream connection (from the pool when one is idle)."""
