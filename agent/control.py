@@ -217,7 +217,8 @@ def make_app(
             raise ApiError(409, "vault-error", exc.message) from None
         for name, reason in report.broken.items():
             log.warning("identity %s could not be loaded: %s", name, reason)
-        log.info("unlocked: %d identities loaded", len(report.loaded))
+        count = len(report.loaded)
+        log.info("unlocked: %d %s loaded", count, "identity" if count == 1 else "identities")
         if audit is not None:
             audit.event("unlock", caller, loaded=report.loaded, broken=sorted(report.broken))
         if state.renewer is not None:

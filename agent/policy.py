@@ -182,7 +182,10 @@ C = TypeVar("C", bound=Candidate)
 
 
 def shown(host: str, port: int) -> str:
-    """``host``, or ``host:port`` when the port is not https's: as messages name a target."""
+    """``host``, or ``host:port`` when the port is not https's: as messages name
+    a target (an IPv6 address in brackets, as in a URL)."""
+    if ":" in host:
+        host = f"[{host}]"
     return host if port == 443 else f"{host}:{port}"
 
 

@@ -180,7 +180,7 @@ def measure_size(
         for r in range(rounds):
             statuses.append(home.agentctl("status").seconds)
             timing = agent.unlock()
-            if f"unlocked: {count} identities loaded" not in timing.stdout:
+            if f"unlocked: {count} identit" not in timing.stdout:
                 raise BenchError(f"D {count}: unlock said {timing.stdout.strip()!r}")
             unlocks.append(timing.seconds)
             time.sleep(0.2)

@@ -128,7 +128,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         said = _log_tail(paths, offset)
         raise AgentError(
             f"the agent did not start (exit status {proc.poll()})"
-            + (f": {said}" if said else "")
+            + (f": {said.rstrip('.')}" if said else "")
             + f"; its log is {paths.log_dir / AGENT_LOG}."
         )
     _say(_export_lines(paths.proxy_socket, proc.pid))

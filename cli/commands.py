@@ -213,7 +213,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
             raise AgentError("wrong passphrase.") from None
         raise
     loaded = answer.get("loaded") or []
-    _say(f"unlocked: {len(loaded)} identities loaded")
+    _say(f"unlocked: {len(loaded)} {'identity' if len(loaded) == 1 else 'identities'} loaded")
     broken = answer.get("broken") or {}
     for name, reason in sorted(broken.items()):
         _warn(f"identity '{name}' was not loaded: {reason}")

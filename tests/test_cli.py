@@ -438,7 +438,7 @@ def test_unlock_status_list_and_lock_against_the_running_agent(
     assert list_json(agent_env)[0]["loaded"] is False
 
     r = agent_env.agentctl("unlock", "--passphrase-file", agent_env.passphrase_file(PASSPHRASE))
-    assert r.stdout == "unlocked: 1 identities loaded\n"
+    assert r.stdout == "unlocked: 1 identity loaded\n"
     assert r.stderr == ""
 
     status = json.loads(agent_env.agentctl("status", "--json").stdout)
@@ -502,7 +502,7 @@ def test_unlock_names_an_identity_whose_key_will_not_open_and_still_succeeds(
 
     r = agent_env.agentctl("unlock", "--passphrase-file", agent_env.passphrase_file(PASSPHRASE))
     assert r.returncode == 0
-    assert r.stdout == "unlocked: 1 identities loaded\n"
+    assert r.stdout == "unlocked: 1 identity loaded\n"
     line = one_error_line(r.stderr)
     assert "'spoilt'" in line and "does not open" in line
     assert "spoilt" in json.loads(agent_env.agentctl("status", "--json").stdout)["broken"]

@@ -24,7 +24,7 @@ from agent.errors import IdentityError, Locked, PeerDenied
 from agent.identity import Identity, new_identity
 from agent.keychain import Keychain
 from agent.peer import Caller, Peer
-from agent.policy import NO_RULES, CallerRules, choose
+from agent.policy import NO_RULES, CallerRules, choose, shown
 from agent.routing import conflicts
 from agent.vault import Vault
 
@@ -84,6 +84,19 @@ def test_rules_are_put_in_canonical_form_so_equal_meanings_compare_equal() -> No
 def test_malformed_rules_are_refused(rules: dict[str, Any], says: str) -> None:
     with pytest.raises(IdentityError, match=says):
         CallerRules(**rules)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "said"),
+    [
+        ("api.example.com", 443, "api.example.com"),
+        ("api.example.com", 8443, "api.example.com:8443"),
+        ("::1", 443, "[::1]"),
+        ("::1", 47443, "[::1]:47443"),
+    ],
+)
+def test_messages_name_a_target_as_a_url_would(host: str, port: int, said: str) -> None:
+    assert shown(host, port) == said
 
 
 def test_no_rules_admit_every_caller_even_an_unknown_one() -> None:

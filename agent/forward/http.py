@@ -114,7 +114,7 @@ def origin_of(raw: bytes) -> Origin:
     host, port = parse_authority(raw)
     bracketed = f"[{host}]" if ":" in host else host
     authority = bracketed if port == 443 else f"{bracketed}:{port}"
-    return Origin(host, port, authority.encode("ascii"), f"{host}:{port}")
+    return Origin(host, port, authority.encode("ascii"), f"{bracketed}:{port}")
 
 
 def parse_target(url: bytes, host_header: bytes | None, method: bytes) -> tuple[Origin, bytes]:

@@ -181,6 +181,7 @@ requests = request_heads() | st.lists(request_heads(), min_size=2, max_size=3).m
 
 @FUZZ
 @given(url=targets, host=st.none() | authorities, method=methods)
+@example(url=b"/", host=b"[::1]:8443", method=b"GET")
 def test_parse_target_raises_only_bad_request(url: bytes, host: bytes | None, method: bytes):
     try:
         origin, path = parse_target(url, host, method)
@@ -192,6 +193,8 @@ def test_parse_target_raises_only_bad_request(url: bytes, host: bytes | None, me
     assert b"\r" not in authority and b"\n" not in authority and b" " not in authority
     assert b"@" not in authority and b"/" not in authority
     assert parse_authority(authority) == (origin.host, origin.port)
+    # messages name the same origin, IPv6 in brackets ("[::1]:8443", not "::1:8443")
+    assert parse_authority(origin.where.encode()) == (origin.host, origin.port)
 
 
 @FUZZ
