@@ -371,7 +371,10 @@ class Vault:
     # --- reading ---
 
     def _read_header(self) -> _Header:
-        missing = VaultError(f"there is no vault here: {self._vault_file} is missing.")
+        missing = VaultError(
+            f"there is no vault here: {self._vault_file} is missing; create one with"
+            " 'agentctl init'."
+        )
         return _Header.parse(_read_json(self._vault_file, missing), self._vault_file)
 
     def _unwrap(self, header: _Header, passphrase: str) -> X25519PrivateKey:

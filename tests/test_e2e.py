@@ -229,6 +229,7 @@ def test_locked_agent_answers_423(make_setup: Callable[..., Setup]) -> None:
 def test_untrusted_upstream_certificate_gives_502(setup: Setup, nginx_untrusted: Nginx) -> None:
     result = setup.get("/echo", host=nginx_untrusted.host_header)
     assert_agent_error(result, 502, "upstream-untrusted")
+    assert "give the identity the CA that signed it (import --ca" in result.json()["message"]
     assert nginx_untrusted.access_log() == []
 
 

@@ -189,8 +189,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade_requested(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
-            reason = str(exc).rstrip(".")
-            self._refuse(self._reject or BadRequest(f"The request is malformed: {reason}."))
+            self._refuse(self._reject or _malformed(exc))
             return
         if self._in_head:
             # llhttp holds an unfinished field without calling back, so bound the
@@ -479,6 +478,13 @@ class ClientConnection(asyncio.Protocol):
             self.active.timed_out()
         else:  # idle keep-alive, or a head that did not arrive in time: just close
             self.close()
+
+
+def _malformed(exc: httptools.HttpParserError) -> BadRequest:
+    reason = str(exc).rstrip(".")
+    if "PRI/Upgrade" in reason:  # llhttp stops at HTTP/2's connection preface
+        return BadRequest("HTTP/2 is not spoken on the proxy socket: send HTTP/1.1.")
+    return BadRequest(f"The request is malformed: {reason}.")
 
 
 def _named_target(url: bytes, headers: Headers, method: bytes) -> tuple[Origin | None, bytes]:

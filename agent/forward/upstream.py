@@ -93,6 +93,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+#: OpenSSL's verify codes for a chain that ends at no trusted CA (as opposed
+#: to an expired or misnamed certificate): the fix is the identity's CA.
+_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
+
+
 def connect_error(exc: BaseException, where: str, limits: Limits) -> ProxyError:
     """The wire error for a failure to reach ``where`` (host:port)."""
     if isinstance(exc, ProxyError):
@@ -104,7 +109,13 @@ def connect_error(exc: BaseException, where: str, limits: Limits) -> ProxyError:
         )
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or exc.reason or "verification failed"
-        return UpstreamUntrusted(f"The certificate of {where} is not trusted: {reason}.")
+        hint = ""
+        if exc.verify_code in _UNKNOWN_ISSUER:
+            hint = (
+                " If it is the right server, give the identity the CA that signed it"
+                " (import --ca, enroll --upstream-ca)."
+            )
+        return UpstreamUntrusted(f"The certificate of {where} is not trusted: {reason}.{hint}")
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
         return UpstreamUnreachable(f"The TLS handshake with {where} failed: {reason}.")

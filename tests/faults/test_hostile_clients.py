@@ -50,6 +50,7 @@ class Case:
     id: str
     build: Builder  # the bytes, from nginx's Host (localhost:PORT)
     status: int
+    says: str = ""  # part of the error's message
 
 
 def _h(host: str, path: str = "/echo/hostile") -> bytes:
@@ -63,7 +64,12 @@ def _port(host: str) -> str:
 CASES = [
     Case("garbage-bytes", lambda h: b"\x00\xff\x13garbage\x7f\r\n\r\n", 400),
     Case("tls-client-hello", lambda h: bytes.fromhex("160301020001") + b"\x03\x03" * 40, 400),
-    Case("http2-preface", lambda h: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    Case(
+        "http2-preface",
+        lambda h: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        400,
+        "HTTP/2 is not spoken on the proxy socket: send HTTP/1.1.",
+    ),
     Case("http09-request", lambda h: b"GET /echo/hostile\r\n\r\n", 400),
     Case("http3-version", lambda h: f"GET / HTTP/3.0\r\nHost: {h}\r\n\r\n".encode(), 400),
     Case("lower-case-method", lambda h: f"get / HTTP/1.1\r\nHost: {h}\r\n\r\n".encode(), 400),
@@ -226,6 +232,7 @@ def test_hostile_request_gets_its_status_and_never_reaches_nginx(
     record(f"client: {case.id}", outcome.describe(), outcome.seconds, window)
 
     _assert_agent_error(outcome, case.status)
+    assert case.says in outcome.response.json()["message"]  # type: ignore[union-attr]
     assert outcome.closed, "the agent must close a connection whose request it refused"
     assert outcome.seconds < AT_ONCE
     assert_served_normally(window, steady)
