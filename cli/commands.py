@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import AgentError, AgentNotRunning, IdentityError, KeyringError
+from agent.errors import AgentError, AgentNotRunning, BadPassphrase, IdentityError, KeyringError
 from agent.paths import SOCK_ENV, client_sockets, default_paths
 from cli import prompt, render
 from cli.control_client import UNLOCK_TIMEOUT, ControlClient, ControlError
@@ -232,6 +232,49 @@ def _remember(passphrase: str, backend: str) -> None:
             f"the agent is unlocked, but the passphrase was not remembered: {exc.message}"
         ) from None
     _say(f"remembered the passphrase in {describe(backend)}: the agent unlocks itself at start")
+
+
+def cmd_passphrase(args: argparse.Namespace) -> int:
+    from agent.remember import read_marker
+
+    vault = _vault()
+    if not vault.exists():
+        raise AgentError("there is no vault yet; create one with 'agentctl init'.")
+    if args.passphrase_file == "-" and args.new_passphrase_file == "-":
+        raise AgentError("only one of --passphrase-file and --new-passphrase-file can be '-'.")
+    if args.passphrase_file is not None:
+        old = prompt.read_passphrase_file(args.passphrase_file)
+    else:
+        old = prompt.ask("Current vault passphrase: ", "passphrase", "--passphrase-file")
+    if args.new_passphrase_file is not None:
+        new = prompt.read_passphrase_file(args.new_passphrase_file)
+    else:
+        new = prompt.ask_new_passphrase("--new-passphrase-file", "the vault was left as it was")
+    try:
+        vault.change_passphrase(old, new)
+    except BadPassphrase:
+        raise AgentError("wrong passphrase; the vault was left as it was.") from None
+    _say("changed the vault passphrase: the next unlock takes the new one")
+    _audit("passphrase")
+    remembered = read_marker(vault.directory)
+    if remembered is not None:
+        _remember_again(vault.directory, new, remembered.backend)
+    return 0
+
+
+def _remember_again(vault_dir: Path, passphrase: str, backend: str) -> None:
+    """The OS keyring gets the new passphrase too, or the agent would start locked."""
+    from agent.remember import describe, store
+
+    try:
+        store(vault_dir, passphrase, backend)
+    except KeyringError as exc:
+        _warn(
+            f"{describe(backend)} still holds the old passphrase ({exc.message}); run"
+            " 'agentctl unlock --remember' again, or 'agentctl forget'"
+        )
+        return
+    _say(f"remembered the new passphrase in {describe(backend)}")
 
 
 def cmd_forget(args: argparse.Namespace) -> int:

@@ -142,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.cmd_unlock)
 
     p = command(
+        "passphrase",
+        "change the vault passphrase",
+        "Change the passphrase that protects the vault: only the vault key is wrapped "
+        "again, every identity stays as it is. Works whether the agent is locked, "
+        "unlocked or not running; a passphrase remembered with 'unlock --remember' is "
+        "replaced too. The new passphrase is asked twice on the terminal.",
+    )
+    p.add_argument(
+        "--passphrase-file",
+        metavar="PATH",
+        help="read the current passphrase from PATH instead of the terminal ('-': standard input)",
+    )
+    p.add_argument(
+        "--new-passphrase-file",
+        metavar="PATH",
+        help="read the new passphrase from PATH instead of the terminal ('-': standard input)",
+    )
+    p.set_defaults(run=commands.cmd_passphrase)
+
+    p = command(
         "forget",
         "remove the remembered passphrase from the OS keyring",
         "Remove the vault passphrase that 'unlock --remember' stored in the OS keyring; "

@@ -85,14 +85,17 @@ def p12_password(password_file: str | None, shown: str) -> bytes | None:
     return typed.encode("utf-8") or None
 
 
-def ask_new_passphrase(option: str) -> str:
-    """A new vault passphrase, typed twice; refuses an empty one or a mismatch."""
-    first = ask("New vault passphrase: ", "passphrase", option)
+def ask_new_passphrase(option: str, unchanged: str = "nothing was created") -> str:
+    """A new vault passphrase, typed twice; refuses an empty one or a mismatch.
+
+    ``unchanged`` ends the refusal: what was therefore left as it was.
+    """
+    first = ask("New vault passphrase: ", "new passphrase", option)
     if not first:
-        raise SecretError("the passphrase is empty; nothing was created.")
-    second = ask("Repeat the passphrase: ", "passphrase", option)
+        raise SecretError(f"the passphrase is empty; {unchanged}.")
+    second = ask("Repeat the passphrase: ", "new passphrase", option)
     if first != second:
-        raise SecretError("the passphrases do not match; nothing was created.")
+        raise SecretError(f"the passphrases do not match; {unchanged}.")
     return first
 
 

@@ -476,6 +476,68 @@ def test_unlock_reads_the_passphrase_from_stdin(agent_env: AgentEnv, agent: Agen
     assert r.stdout == "unlocked: 0 identities loaded\n"
 
 
+# --- passphrase ---------------------------------------------------------------------
+
+
+def test_passphrase_rewraps_the_vault_key_and_keeps_every_identity(
+    agent_env: AgentEnv, agent: AgentProcess, pki: Pki
+) -> None:
+    import_p12(agent_env, pki, "work")
+    sealed = (agent_env.vault_dir / "identities" / "work.json").read_bytes()
+    r = agent_env.agentctl(
+        "passphrase",
+        "--passphrase-file", agent_env.passphrase_file(PASSPHRASE),
+        "--new-passphrase-file", agent_env.passphrase_file("a brand new passphrase", "new"),
+    )  # fmt: skip
+    assert r.stdout == "changed the vault passphrase: the next unlock takes the new one\n"
+    assert (agent_env.vault_dir / "identities" / "work.json").read_bytes() == sealed
+    old = agent_env.agentctl(
+        "unlock", "--passphrase-file", agent_env.passphrase_file(PASSPHRASE), check=False
+    )
+    assert old.returncode == 1 and "wrong passphrase" in old.stderr
+    new = agent_env.agentctl(
+        "unlock", "--passphrase-file", agent_env.passphrase_file("a brand new passphrase", "new")
+    )
+    assert new.stdout == "unlocked: 1 identity loaded\n"
+    event = json.loads(agent_env.audit_log.read_text().splitlines()[-2])  # then the unlock's
+    assert event["event"] == "passphrase" and "a brand new" not in agent_env.audit_log.read_text()
+
+
+def test_passphrase_with_the_wrong_current_one_changes_nothing(
+    agent_env: AgentEnv, vault: Vault
+) -> None:
+    before = vault_snapshot(agent_env)
+    r = agent_env.agentctl(
+        "passphrase",
+        "--passphrase-file", agent_env.passphrase_file("not it"),
+        "--new-passphrase-file", agent_env.passphrase_file("new", "new"),
+        check=False,
+    )  # fmt: skip
+    assert one_error_line(r.stderr) == "agentctl: wrong passphrase; the vault was left as it was."
+    assert vault_snapshot(agent_env) == before
+    both = agent_env.agentctl(
+        "passphrase", "--passphrase-file", "-", "--new-passphrase-file", "-", check=False
+    )
+    assert both.returncode == 1 and "only one of" in both.stderr
+
+
+def test_passphrase_on_a_terminal_asks_the_current_one_then_the_new_one_twice(
+    agent_env: AgentEnv, vault: Vault
+) -> None:
+    code, shown = run_on_a_terminal(
+        agent_env,
+        ["passphrase"],
+        [
+            ("Current vault passphrase:", PASSPHRASE),
+            ("New vault passphrase:", "typed anew"),
+            ("Repeat the passphrase:", "typed anew"),
+        ],
+    )
+    assert code == 0, shown
+    assert PASSPHRASE not in shown and "typed anew" not in shown  # never echoed
+    Vault(agent_env.vault_dir).unlock_key("typed anew")
+
+
 def test_import_and_remove_while_unlocked_load_and_unload_at_once(
     agent_env: AgentEnv, agent: AgentProcess, pki: Pki
 ) -> None:

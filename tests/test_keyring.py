@@ -138,3 +138,23 @@ def test_a_failing_keyring_leaves_the_agent_locked_with_one_sentence(
         assert line.startswith(warning), line
         assert line.endswith("; the agent starts locked.")
         assert PASSPHRASE not in agent.stderr_text()
+
+
+def test_a_passphrase_change_replaces_the_remembered_one(
+    agent_env: AgentEnv, keyring: GnomeKeyring, vault_with_identity: Path
+) -> None:
+    """Else the agent would try the old passphrase at every start and stay locked."""
+    agent = start_agent(agent_env)
+    try:
+        unlock_remember(agent_env)
+        changed = agent_env.agentctl(
+            "passphrase",
+            "--passphrase-file", agent_env.passphrase_file(PASSPHRASE),
+            "--new-passphrase-file", agent_env.passphrase_file("a new one", "new"),
+        )  # fmt: skip
+        assert "remembered the new passphrase in the Secret Service" in changed.stdout
+        assert keyring.lookup(service=SERVICE, username=str(vault_with_identity)) == "a new one"
+        agent = restart(agent_env, agent)
+        assert status(agent_env)["state"] == "unlocked"
+    finally:
+        agent.stop()
