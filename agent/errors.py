@@ -122,6 +122,35 @@ class PeerDenied(ProxyError):
         self.reason = reason
 
 
+# --- why an answer was cut off: written to the audit log, never answered ---
+
+
+class Cut(ProxyError):
+    """An exchange that ended with neither a whole answer nor an error answer:
+    the connection was closed or aborted. Only its audit line says why, with
+    status 0 when no answer had begun."""
+
+    status = 0
+
+
+class ClientGone(Cut):
+    """The caller closed its connection before its answer was whole."""
+
+    code = "client-gone"
+
+
+class ClientStalled(Cut):
+    """The caller stopped sending its body, or reading the answer, for the body's idle time."""
+
+    code = "client-timeout"
+
+
+class UpstreamCut(Cut):
+    """The upstream reset or closed its connection in the middle of the answer's body."""
+
+    code = "upstream-cut"
+
+
 # --- errors that stay on this machine ---
 
 

@@ -22,11 +22,14 @@ from agent.audit import AuditLog
 from agent.config import Limits
 from agent.errors import (
     BadRequest,
+    ClientGone,
+    ClientStalled,
     HeadersTooLarge,
     Locked,
     PeerDenied,
     ProxyError,
     UpstreamBadResponse,
+    UpstreamCut,
     UpstreamTimeout,
     UpstreamUnreachable,
     UriTooLong,
@@ -758,7 +761,7 @@ class Exchange:
         elif self._upstream_until_close and exc is None:
             self._complete()
         else:  # cut short upstream: cut short to the client too
-            self._audit(None)
+            self._audit(UpstreamCut())
             self.done = True
             self.timer.cancel()
             self.client.abort()
@@ -916,7 +919,7 @@ class Exchange:
         self.client.exchange_done(self, close)
 
     def client_gone(self) -> None:
-        self._audit(None)
+        self._audit(ClientGone())
         self.done = True
         self.timer.cancel()
         if self._connect_task is not None:
@@ -1004,7 +1007,7 @@ class Exchange:
         if not self.head_sent and self._body_started and not self.request_done:
             # the client stopped sending its body: the upstream is not to blame, and
             # must not take the part it got for a whole request
-            self._audit(None)
+            self._audit(ClientStalled())
             self.done = True
             if self.upstream is not None:
                 self.upstream.abort()
@@ -1016,8 +1019,9 @@ class Exchange:
                     f"{where} sent no response head within {self.limits.response_timeout:g} s."
                 )
             )
-        else:
-            self._audit(None)
+        else:  # the body stopped: the client's reading was paused, or the upstream's sending
+            stalled = ClientStalled() if self.client._writing_paused else UpstreamTimeout()
+            self._audit(stalled)
             self.done = True
             if self.upstream is not None:
                 self.upstream.abort()

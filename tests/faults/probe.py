@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,3 +354,17 @@ def record(case: str, did: str, seconds: float | None, window: Window | None = N
     row = {"case": case, "did": did, "seconds": seconds and round(seconds, 3), "note": note}
     with open(target, "a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
+
+
+def audited(log: Path, found: Callable[[dict], bool], timeout: float = 5.0) -> dict:
+    """The first request line of the agent's audit log that ``found`` picks
+    (the log's writer appends in batches, every 0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            for line in log.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("event") == "request" and found(entry):
+                    return entry
+        assert time.monotonic() < deadline, f"no such request line in {log}"
+        time.sleep(0.02)

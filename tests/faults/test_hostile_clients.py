@@ -26,6 +26,7 @@ from faults.probe import (
     Reader,
     SteadyClient,
     assert_served_normally,
+    audited,
     connect,
     exchange,
     read_response,
@@ -342,6 +343,9 @@ def test_a_client_that_vanishes_leaves_no_request_behind(
     record(f"client: vanishes {where}", "nothing reached nginx whole", None, window)
     assert_served_normally(window, steady)
     _upload_never_completed(nginx, mark, name)
+    if where == "mid-body":
+        line = audited(fault_agent.env.audit_log, lambda e: e["path"] == f"/upload/{name}")
+        assert (line["status"], line["error"]) == (0, "client-gone")
     fault_agent.assert_alive_and_quiet(errors)
 
 
@@ -362,6 +366,8 @@ def test_a_stalled_request_body_is_cut_off_within_the_body_idle_timeout(
     assert BODY_IDLE_TIMEOUT * 0.9 <= outcome.seconds < BODY_IDLE_TIMEOUT + SLACK
     assert_served_normally(window, steady)
     _upload_never_completed(nginx, mark, name)
+    line = audited(fault_agent.env.audit_log, lambda e: e["path"] == f"/upload/{name}")
+    assert (line["status"], line["error"], line["bytes_in"]) == (0, "client-timeout", 1000)
     fault_agent.assert_alive_and_quiet(errors)
 
 

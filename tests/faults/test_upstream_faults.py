@@ -34,7 +34,15 @@ from support.pki import Pki
 from support.tools import require_tool
 
 from faults.conftest import FaultAgent
-from faults.probe import Outcome, SteadyClient, assert_served_normally, exchange, record, request
+from faults.probe import (
+    Outcome,
+    SteadyClient,
+    assert_served_normally,
+    audited,
+    exchange,
+    record,
+    request,
+)
 
 #: FAST_LIMITS in conftest: connect, response and body-idle timeouts are 1 s.
 TIMEOUT = 1.0
@@ -67,6 +75,7 @@ class Fault:
     status: int
     code: str | None  # the agent's error code, or None for the upstream's own answer
     complete: bool = True  # whether the body must arrive whole
+    cut_as: str = "upstream-cut"  # the audit line's error when the body is cut short
     within: float = AT_ONCE
     at_least: float = 0.0
 
@@ -195,6 +204,7 @@ FAULTS = [
         200,
         None,
         complete=False,
+        cut_as="upstream-timeout",
         within=TIMEOUT + SLACK,
     ),
     # controls: what is valid must pass, whole
@@ -258,6 +268,9 @@ def test_upstream_fault_gets_its_code_within_its_timeout(
 
     _check(outcome, fault.status, fault.code)
     assert outcome.response.complete is fault.complete  # type: ignore[union-attr]
+    line = audited(fault_agent.env.audit_log, lambda e: e["port"] == upstream.port)
+    assert line["error"] == (fault.code if fault.complete else fault.cut_as), line
+    assert line["status"] == fault.status
     if not fault.complete:
         assert outcome.closed, "a body cut short must end with the connection"
     assert fault.at_least <= outcome.seconds < fault.within
