@@ -256,10 +256,16 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.limits.request_line:
+        # the whole line counts ("GET " + target + " HTTP/1.1"); the method is
+        # only looked up for the rare target that comes near the limit
+        if len(self._url) > self.limits.request_line - _LONGEST_LINE_REST and self._line_too_long():
             raise self._rejecting(
                 UriTooLong(f"The request line is longer than {self.limits.request_line} bytes.")
             )
+
+    def _line_too_long(self) -> bool:
+        method = self.parser.get_method()
+        return len(method) + 1 + len(self._url) + _VERSION_PART > self.limits.request_line
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:  # a trailer field after a chunked body
@@ -407,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
         return error
 
     def _head_too_large(self) -> ProxyError:
-        if not self._headers and len(self._url) >= self.limits.request_line:
+        if not self._headers and self._url and self._line_too_long():
             return UriTooLong(f"The request line is longer than {self.limits.request_line} bytes.")
         return HeadersTooLarge(
             f"The request head exceeds {self.limits.header_bytes} bytes or "
@@ -498,6 +504,13 @@ def _named_target(url: bytes, headers: Headers, method: bytes) -> tuple[Origin |
         with suppress(BadRequest):
             return parse_target(url, hosts[0] if hosts else None, method)
     return None, url
+
+
+#: " HTTP/1.1", the end of a request line.
+_VERSION_PART = 9
+#: At least what a request line adds to its target: a method longer than
+#: any llhttp takes (UNSUBSCRIBE, 11 letters), a space, the version.
+_LONGEST_LINE_REST = 16 + _VERSION_PART
 
 
 def _fields_size(headers: Headers) -> int:

@@ -29,6 +29,7 @@ from agent.config import Limits
 from agent.forward import ProxyServer
 from agent.forward.upstream import UpstreamConnection
 from agent.keychain import LoadedIdentity
+from faults.head_harness import HeadHarness
 
 LIMIT = 1000
 # 17 + 607 + 607 bytes of fields: over the limit only once the last field is counted
@@ -269,3 +270,22 @@ def test_after_100_continue_a_client_that_sends_no_body_is_closed_not_served_a_5
 
     written, _ = uvloop.run(run())
     assert written == b"HTTP/1.1 100 Continue\r\n\r\n"  # and no 504 blaming the upstream
+
+
+# --- the request line ----------------------------------------------------------------
+
+
+def test_the_request_line_limit_counts_the_whole_line() -> None:
+    """``limits.request_line`` bounds "METHOD target HTTP/1.1", as nginx's
+    buffers do, not the target alone; exactly the limit is still taken."""
+    harness = HeadHarness()
+    try:
+        for method in (b"GET", b"UNSUBSCRIBE"):
+            rest = len(method) + 1 + len(b" HTTP/1.1")
+            at_limit = b"/" + b"a" * (Limits().request_line - rest - 1)
+            for target, status in ((at_limit, 403), (at_limit + b"a", 414)):
+                line = method + b" " + target + b" HTTP/1.1"
+                answer = harness.run(line + b"\r\nHost: nowhere.example\r\n\r\n")
+                assert answer.startswith(b"HTTP/1.1 %d " % status), (method, len(line))
+    finally:
+        harness.close()
