@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,16 @@ def test_upstream_connections_are_pooled(setup: Setup) -> None:
         assert setup.get("/echo").status == 200
     connections = setup.nginx.connections(mark, wait_for=50)
     assert len(connections) <= 2, connections
+
+
+def test_a_pooled_connection_idle_for_pool_idle_timeout_is_closed(
+    make_setup: Callable[..., Setup],
+) -> None:
+    setup = make_setup('[limits]\npool_idle_timeout = "0.5s"\n')
+    first = setup.get("/echo").header("X-Connection")
+    assert setup.get("/echo").header("X-Connection") == first  # reused while fresh
+    time.sleep(1.0)  # the setting under test is a time: nothing to await but it
+    assert setup.get("/echo").header("X-Connection") != first
 
 
 def test_lock_closes_pooled_connections(setup: Setup) -> None:

@@ -10,6 +10,7 @@ Meanwhile the good client keeps being served through the same agent.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -36,9 +37,11 @@ from support.tools import require_tool
 from faults.conftest import FaultAgent
 from faults.probe import (
     Outcome,
+    Reader,
     SteadyClient,
     assert_served_normally,
     audited,
+    connect,
     exchange,
     record,
     request,
@@ -329,6 +332,36 @@ def test_a_second_answer_to_one_request_is_never_given_to_the_next(
         connections = upstream.connections
     assert [a.response.body for a in answers] == [b"first", b"first"]  # type: ignore[union-attr]
     assert connections == 2
+
+
+def test_early_hints_an_encoded_body_and_trailers_pass_through_untouched(
+    fault_agent: FaultAgent, pki: Pki
+) -> None:
+    """A 103 reaches the client before the answer; a gzip body is neither
+    decoded nor re-encoded; the upstream's trailer fields follow the last chunk."""
+    gzipped = gzip.compress(b"compressed on purpose\n" * 20)
+    answer = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        + OK_HEAD
+        + b"Content-Encoding: gzip\r\nTrailer: X-Checksum\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(gzipped), gzipped)
+        + b"0\r\nX-Checksum: sha256-abc\r\n\r\n"
+    )
+    fault = Fault("passthrough", lambda: respond(answer, then="keep"), "good", 200, None)
+    with _upstream(pki, fault) as upstream, connect(fault_agent.socket) as sock:
+        sock.sendall(request(upstream.host_header, "/passthrough"))
+        reader = Reader(sock)
+        early = reader.until(b"\r\n\r\n")
+        final = reader.until(b"\r\n\r\n")
+        body = b""
+        while (size := int(reader.until(b"\r\n") or b"0", 16)) > 0:
+            body += (reader.exactly(size + 2) or b"")[:-2]
+        trailers = reader.until(b"\r\n\r\n")
+    assert early == b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
+    assert final is not None and final.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Encoding: gzip\r\n" in final + b"\r\n"
+    assert body == gzipped
+    assert trailers == b"X-Checksum: sha256-abc"
 
 
 def test_the_agent_serves_nginx_normally_after_every_fault(
