@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import resource
 import socket
 import ssl
 import stat
@@ -372,6 +373,28 @@ def _check_not_dumpable(
     assert core[4:6] == ["0", "0"]
     status = Path(f"/proc/{agent.pid}/status").read_text()
     assert "\nUmask:\t0077\n" in status
+
+
+def test_the_agent_raises_its_open_file_limit_to_the_hard_limit(
+    agent_env: AgentEnv, agents: list[AgentProcess]
+) -> None:
+    """A session's usual soft limit of 1024 would cap the agent near 500 clients
+    (each takes a client and an upstream descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        message = f"the hard limit on open files is {hard}: nothing to raise the soft one to"
+        pytest.fail(message) if in_ci() else pytest.skip(message)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        agent = start_agent(agent_env)  # inherits the soft limit of 1024
+        agents.append(agent)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{agent.pid}/limits").read_text()
+    [files] = [line.split() for line in limits.splitlines() if line.startswith("Max open files")]
+    assert int(files[3]) > 1024
+    if hard != resource.RLIM_INFINITY:
+        assert files[3:5] == [str(hard), str(hard)]
 
 
 def refused_start(env: AgentEnv, *args: str) -> str:
