@@ -90,10 +90,10 @@ def ask_new_passphrase(option: str, unchanged: str = "nothing was created") -> s
 
     ``unchanged`` ends the refusal: what was therefore left as it was.
     """
-    first = ask("New vault passphrase: ", "new passphrase", option)
+    first = ask("New vault passphrase: ", "passphrase", option)
     if not first:
         raise SecretError(f"the passphrase is empty; {unchanged}.")
-    second = ask("Repeat the passphrase: ", "new passphrase", option)
+    second = ask("Repeat the passphrase: ", "passphrase", option)
     if first != second:
         raise SecretError(f"the passphrases do not match; {unchanged}.")
     return first
