@@ -404,26 +404,50 @@ class AuditLog:
         if self._lost:
             lines.append(encode_event(time.time(), "audit-dropped", None, {"lines": self._lost}))
         if lines:
-            self._write(b"".join(lines), len(lines) - (1 if self._lost else 0))
+            self._write(lines, len(lines) - (1 if self._lost else 0))
         for done in flushed:
             done.set()
 
-    def _write(self, data: bytes, count: int) -> None:
-        """Append ``count`` lines (plus any report of lost ones); on failure, count them lost."""
+    def _write(self, lines: list[bytes], count: int) -> None:
+        """Append the lines, ``count`` of them requests and events (the rest a
+        report of lost ones); on failure, count those not written as lost."""
+        written = 0
         try:
             self._follow_moves()
-            if self._size and self._size + len(data) > self._max_bytes:
-                self._rotate()
-            _write_all(self._fd, data)
+            while written < len(lines):
+                part = self._fitting(lines, written)
+                if not part:
+                    self._rotate()
+                    continue
+                data = b"".join(lines[written : written + part])
+                _write_all(self._fd, data)
+                self._size += len(data)
+                written += part
         except (OSError, AuditLogError) as exc:
             if not self._failing:
                 log.warning("cannot write the audit log %s: %s", self.path, exc)
                 self._failing = True
-            self._lost += count
+            self._lost += max(count - written, 0)
             return
-        self._size += len(data)
         self._lost = 0
         self._failing = False
+
+    def _fitting(self, lines: list[bytes], start: int) -> int:
+        """How many lines from ``start`` fit in the file before ``max_bytes``;
+        0 means rotate first. A line bigger than the limit goes alone into a
+        file of its own."""
+        room = self._max_bytes - self._size
+        if sum(map(len, lines[start:])) <= room:  # the usual case: the whole batch
+            return len(lines) - start
+        end = start
+        for line in lines[start:]:
+            room -= len(line)
+            if room < 0:
+                break
+            end += 1
+        if end == start and not self._size:
+            return 1
+        return end - start
 
     def _follow_moves(self) -> None:
         """Reopen when the file was removed or renamed (logrotate, a user)."""

@@ -182,6 +182,30 @@ def test_rotation_keeps_the_newest_files_all_private(log_path: Path) -> None:
     assert kept == list(range(12 - len(kept), 12))  # the newest, in order, none repeated
 
 
+def test_a_batch_bigger_than_the_room_left_is_split_across_rotations(log_path: Path) -> None:
+    """Lines that arrive together (one writer batch) still rotate at max_bytes."""
+    audit = AuditLog(log_path, max_bytes=2000, keep=20)
+    try:
+        for n in range(30):  # queued together, written as one batch
+            audit.event("marker", None, n=n, padding="x" * 100)
+        assert audit.flush()
+        audit.event("huge", None, padding="y" * 3000)  # bigger than a whole file
+        audit.event("after", None)
+        assert audit.flush()
+    finally:
+        audit.close()
+    files = sorted(
+        log_path.parent.iterdir(), key=lambda f: -int(f.name[len("audit.jsonl.") :] or 0)
+    )
+    sizes = [f.stat().st_size for f in files]
+    got = [e for f in files for e in entries(f)]
+    assert [e["n"] for e in got if e["event"] == "marker"] == list(range(30))
+    assert [e["event"] for e in got[30:]] == ["huge", "after"]
+    assert len(files) > 3
+    for f, size in zip(files, sizes, strict=True):
+        assert size <= 2000 or [e["event"] for e in entries(f)] == ["huge"], (f.name, size)
+
+
 def test_the_log_is_reopened_when_it_was_moved_away(log_path: Path) -> None:
     audit = AuditLog(log_path, max_bytes=1 << 20, keep=2)
     try:
