@@ -473,18 +473,20 @@ def test_requests_refused_in_their_head_are_audited_too(
             + b"\r\n",
             431,
         ),
+        "userinfo": (b"GET /who?q-secret HTTP/1.1\r\nHost: user@localhost\r\n\r\n", 400),
     }
     for request, status in refused.values():
         answer = _raw_answer(agent_env.proxy_socket, request)
         assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
-    got = wait_for_entries(agent_env.audit_log, lambda es: len(events(es, "request")) >= 4)
-    garbage, smuggling, long_line, big_head = events(got, "request")
+    got = wait_for_entries(agent_env.audit_log, lambda es: len(events(es, "request")) >= 5)
+    garbage, smuggling, long_line, big_head, userinfo = events(got, "request")
     assert (garbage["status"], garbage["error"], garbage["method"]) == (400, "bad-request", None)
     assert (smuggling["status"], smuggling["method"], smuggling["path"]) == (400, "POST", "/s")
     assert (smuggling["host"], smuggling["port"]) == ("localhost", nginx.port)
     assert (long_line["status"], long_line["error"]) == (414, "bad-request")
     assert (big_head["status"], big_head["path"], big_head["host"]) == (431, "/big", "localhost")
-    for line in (garbage, smuggling, long_line, big_head):
+    assert (userinfo["status"], userinfo["path"], userinfo["host"]) == (400, "/who", None)
+    for line in (garbage, smuggling, long_line, big_head, userinfo):
         assert line["identity"] is None and line["uid"] == os.getuid()
     assert b"q-secret" not in agent_env.audit_log.read_bytes()
 

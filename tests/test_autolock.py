@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from support.agent import AgentEnv, AgentProcess, start_agent, write_secret_file
@@ -23,6 +24,7 @@ from support.dbus import FakeLogind, PrivateBus, released
 from support.nginx import Nginx
 from support.pki import P12_PASSWORD, Pki
 
+from agent.forward import ProxyServer
 from agent.vault import Vault
 
 PASSPHRASE = "correct horse battery staple"
@@ -124,6 +126,28 @@ def test_idle_lock_waits_for_a_long_upload_to_end(
     assert nginx.uploaded("idle-lock.txt").read_bytes() == body
     assert info["autolock"]["last_lock"] == "idle"
     assert locked_at - answered >= 0.9  # from the end of the transfer, within a poll
+
+
+def test_busy_counts_only_what_is_still_under_way() -> None:
+    """A connection still closing after its exchange ended, or after its tunnel
+    was closed, must not keep the agent unlocked."""
+
+    def client(
+        done: bool | None = None, tunnel: bool = False, closing: bool = False
+    ) -> SimpleNamespace:
+        active = None if done is None else SimpleNamespace(done=done)
+        transport = SimpleNamespace(is_closing=lambda: closing)
+        return SimpleNamespace(
+            active=active, tunnel=object() if tunnel else None, transport=transport
+        )
+
+    def busy(*clients: SimpleNamespace) -> bool:
+        return ProxyServer.busy(SimpleNamespace(clients=list(clients)))  # type: ignore[arg-type]
+
+    assert not busy()
+    assert not busy(client(), client(done=True), client(tunnel=True, closing=True))
+    assert busy(client(), client(done=False))
+    assert busy(client(tunnel=True))
 
 
 def test_max_unlocked_locks_however_busy(agent_env: AgentEnv, vault: Vault) -> None:

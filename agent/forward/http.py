@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from agent.errors import BadRequest, ProxyError, UpstreamBadResponse
+from agent.errors import BadRequest, ProxyError
 
 # Hop-by-hop fields (RFC 9110 §7.6.1) plus the ones the relay always sets
 # itself (Host and the body framing), so they are never copied through.
@@ -219,15 +219,14 @@ def request_fields(
     return lines, host, framing, upgrade
 
 
-def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bool]:
-    """One pass over a response head: (its end-to-end field lines, Content-Length, chunked).
-
-    UpstreamBadResponse for a transfer coding other than chunked.
-    """
+def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bytes | None]:
+    """One pass over a response head: (its end-to-end field lines, Content-Length,
+    transfer coding). The coding is None without Transfer-Encoding, ``b"chunked"``
+    when every such field says just that, else the first field that does not."""
     lines = []
     listed: set[bytes] | None = None
     length = None
-    chunked = False
+    coding = None
     for pair in headers:
         lower = pair[0].lower()
         if lower not in NOT_COPIED:
@@ -235,20 +234,14 @@ def response_fields(headers: Headers) -> tuple[list[bytes], bytes | None, bool]:
         elif lower == b"content-length":
             length = pair[1]
         elif lower == b"transfer-encoding":
-            # the agent sends no TE field, so chunked is the only coding an
-            # upstream may use; "gzip, chunked" relayed as plain chunks would
-            # hand the client gzip bytes as the body
-            if pair[1].strip().lower() != b"chunked":
-                raise UpstreamBadResponse(
-                    "The upstream used a transfer coding other than chunked,"
-                    " which the agent never offers."
-                )
-            chunked = True
+            value = pair[1].strip().lower()
+            if coding is None or coding == b"chunked":
+                coding = value
         elif lower == b"connection":
             listed = _listed(pair[1], listed)
     if listed:
         lines = _end_to_end(headers, listed)
-    return lines, length, chunked
+    return lines, length, coding
 
 
 def encode_head(first_line: bytes, lines: list[bytes]) -> bytes:

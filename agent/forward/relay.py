@@ -118,8 +118,15 @@ class ProxyServer:
 
     def busy(self) -> bool:
         """Whether a request or tunnel is under way: polled by the idle lock,
-        so that counting costs the relay nothing per request."""
-        return any(c.active is not None or c.tunnel is not None for c in self.clients)
+        so that counting costs the relay nothing per request. An exchange that
+        has ended, on a connection still closing, is not use."""
+        for client in self.clients:
+            exchange = client.active
+            if exchange is not None and not exchange.done:
+                return True
+            if client.tunnel is not None and not client.transport.is_closing():  # type: ignore[union-attr]
+                return True
+        return False
 
     def close(self) -> None:
         for client in list(self.clients):
@@ -435,15 +442,15 @@ class ClientConnection(asyncio.Protocol):
             self.active.close_client = True
             self.active.fail(error)
             return
-        if receiving is not None:
-            receiving._audit(error)  # queued behind the answer in progress: never started
-        else:
-            self._audit_refused_head(error)
         if self.active is None:
             self.write(error_response(error, close=True))
             self.close()
         else:  # let the answer in progress finish, then close
             self.active.close_client = True
+        if receiving is not None:
+            receiving._audit(error)  # queued behind the answer in progress: never started
+        else:
+            self._audit_refused_head(error)
 
     def _audit_refused_head(self, error: ProxyError) -> None:
         """The audit line of a head refused before it made an exchange: with
@@ -599,10 +606,10 @@ class Exchange:
             raise BadRequest("Only HTTP/1.0 and HTTP/1.1 are served on this socket.")
         try:
             lines, host, framing, upgrade = request_fields(headers)
+            self.origin, self.path = parse_target(url, host, self.method)
         except BadRequest:
             self.origin, self.path = _named_target(url, headers, self.method)
             raise
-        self.origin, self.path = parse_target(url, host, self.method)
         self.headers = lines
         self.body_framing = framing
         # a body-less request is whole once its head is: an early answer keeps the connection
@@ -868,15 +875,23 @@ class Exchange:
         self.status = status
         if self.upgrade is not None:
             self.close_client = True  # a refused upgrade: the client's parser is past it
-        try:
-            lines, length, chunked = response_fields(self._response_headers)
-        except UpstreamBadResponse as exc:
-            self.fail(exc)
-            return
+        lines, length, coding = response_fields(self._response_headers)
+        chunked = coding is not None
         if self.method == b"HEAD" or status in (204, 304):
             self._framing = _NO_BODY
             if length is not None:
                 lines.append(b"Content-Length: " + length)
+        elif coding is not None and coding != b"chunked":
+            # the agent sends no TE field, so chunked is the only coding an
+            # upstream may use; "gzip, chunked" relayed as plain chunks would
+            # hand the client gzip bytes as the body
+            self.fail(
+                UpstreamBadResponse(
+                    "The upstream used a transfer coding other than chunked,"
+                    " which the agent never offers."
+                )
+            )
+            return
         elif length is not None and not chunked:
             self._framing = _LENGTH
             lines.append(b"Content-Length: " + length)
@@ -932,7 +947,8 @@ class Exchange:
         self.client.exchange_done(self, close)
 
     def client_gone(self) -> None:
-        self._audit(ClientGone())
+        # a client closing its tunnel is how a tunnel ends; an answer it left was cut off
+        self._audit(None if self.client.tunnel is not None else ClientGone())
         self.done = True
         self.timer.cancel()
         if self._connect_task is not None:

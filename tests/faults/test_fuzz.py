@@ -35,7 +35,6 @@ from agent.errors import (
     ConfigError,
     EnrollmentError,
     IdentityError,
-    UpstreamBadResponse,
     VaultError,
 )
 from agent.forward.http import (
@@ -272,14 +271,10 @@ def test_request_fields_raise_only_bad_request_and_never_copy_hop_by_hop(headers
 @given(headers=parsed_fields)
 def test_response_fields_never_copy_hop_by_hop(headers) -> None:
     codings = [v.strip().lower() for n, v in headers if n.lower() == b"transfer-encoding"]
-    try:
-        lines, length, chunked = response_fields(headers)
-    except UpstreamBadResponse:
-        assert any(c != b"chunked" for c in codings)
-        return
-    assert all(c == b"chunked" for c in codings)
+    lines, length, coding = response_fields(headers)
     assert lines == end_to_end_lines(headers) == field_lines(headers)
-    assert chunked == bool(codings)
+    odd = [c for c in codings if c != b"chunked"]
+    assert coding == (odd[0] if odd else codings[0] if codings else None)
     lengths = [v for n, v in headers if n.lower() == b"content-length"]
     assert length == (lengths[-1] if lengths else None)
 

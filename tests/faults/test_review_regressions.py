@@ -201,6 +201,7 @@ def test_an_upgrade_is_tunnelled_both_ways_and_audited_as_101(
         time.sleep(0.02)
     assert len(mine) == 1, f"no single audit line for {path}: {mine}"
     assert mine[0]["status"] == 101
+    assert mine[0]["error"] is None  # the client closing its tunnel is how it ends
 
 
 # --- the relay in this process, for the two cases that need to reach inside ----------------

@@ -158,6 +158,13 @@ FAULTS = [
         502,
         "upstream-bad-response",
     ),
+    Fault(  # no body to misframe: the coding is the upstream's business
+        "no-body-answer-with-another-transfer-coding",
+        lambda: respond(b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        "good",
+        204,
+        None,
+    ),
     Fault("closes-before-answering", lambda: respond(b""), "good", 502, "upstream-unreachable"),
     Fault("resets-before-answering", lambda: reset_after(b""), "good", 502, "upstream-unreachable"),
     Fault(
