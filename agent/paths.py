@@ -9,7 +9,7 @@ control socket beside it.
 from __future__ import annotations
 
 import os
-import sys
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import platformdirs
 
 from agent import APP_NAME
+from agent.errors import AgentError
 
 SOCK_ENV = "MTLS_AGENT_SOCK"
 PROXY_SOCKET_NAME = "agent.sock"
@@ -62,22 +63,38 @@ def make_private_dirs(folder: Path) -> None:
 
 
 def _runtime_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/mtls-agent`` whenever the variable names a folder.
+    """``$XDG_RUNTIME_DIR/mtls-agent`` whenever the variable names a folder of this user.
 
-    Recent platformdirs quietly moves elsewhere when that folder is not
-    0700, so the agent would listen somewhere its user never looks. The
-    agent's own folder inside is made 0700 and checked at start
-    (``server.prepare_runtime_dir``), which is what keeps the sockets private.
-    Only when the variable is unset (or not an absolute path, which XDG says
-    to ignore) is platformdirs' fallback used: ``/run/user/$UID`` when it is
-    the user's own and private, else a folder in the temporary directory.
+    Recent platformdirs also requires that folder to be 0700 and quietly
+    moves elsewhere when it is not, so the agent would listen where its user
+    never looks. The agent's own folder inside is made 0700 and checked at
+    start (``server.prepare_runtime_dir``, which also refuses a parent others
+    can write), which is what keeps the sockets private. A variable that is
+    unset, relative (XDG says to ignore it), or names something that is not
+    this user's own folder (inherited through ``su``, or a symlink) is left
+    to platformdirs' fallback: ``/run/user/$UID`` when it is the user's own
+    and private, else ``runtime-$UID`` in the temporary folder.
     """
     named = os.environ.get("XDG_RUNTIME_DIR", "")
-    if sys.platform != "darwin" and os.path.isabs(named):
+    if os.path.isabs(named) and _own_folder(named):
         return Path(named) / APP_NAME
     with warnings.catch_warnings():  # platformdirs warns about its fallback
         warnings.simplefilter("ignore")
-        return Path(platformdirs.user_runtime_dir(APP_NAME))
+        try:
+            return Path(platformdirs.user_runtime_dir(APP_NAME))
+        except OSError as exc:  # its fallback in the temporary folder belongs to another user
+            raise AgentError(
+                f"no private runtime folder ({exc}); set XDG_RUNTIME_DIR to a folder of your own."
+            ) from None
+
+
+def _own_folder(path: str) -> bool:
+    """A real folder (not a link to one) that belongs to this user."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def default_paths() -> Paths:

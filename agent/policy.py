@@ -10,8 +10,9 @@ reports it for the socket, not its supplementary groups.
 
 Among the identities bound to a host, the most specific one whose rules
 admit the caller is used. Two identities may share a host pattern only when
-both carry rules (they are meant for different callers); a caller that both
-admit is refused, never guessed at. The rule that refused a caller goes to
+their rules exclude each other (``CallerRules.excludes``: they are meant for
+different callers); should a caller pass both all the same (a vault written
+before that check), it is refused, never guessed at. The rule that refused a caller goes to
 the audit log (``PeerDenied.reason``), never into the response.
 """
 

@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="mtls-agent: %(levelname)s: %(message)s"
     )
-    paths = default_paths()
     lock_fd = -1
     audit: AuditLog | None = None
     try:
+        paths = default_paths()
         config_file = args.config or paths.config_file
         if config_file.exists():
             refuse_unsafe(

@@ -235,8 +235,6 @@ def _remember(passphrase: str, backend: str) -> None:
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
-    from agent.remember import read_marker
-
     vault = _vault()
     if not vault.exists():
         raise AgentError("there is no vault yet; create one with 'agentctl init'.")
@@ -250,29 +248,48 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
         new = prompt.read_passphrase_file(args.new_passphrase_file)
     else:
         new = prompt.ask_new_passphrase("--new-passphrase-file", "the vault was left as it was")
+    remembered = _remembered_backend(vault.directory)  # read before the vault changes
     try:
         vault.change_passphrase(old, new)
     except BadPassphrase:
         raise AgentError("wrong passphrase; the vault was left as it was.") from None
     _say("changed the vault passphrase: the next unlock takes the new one")
     _audit("passphrase")
-    remembered = read_marker(vault.directory)
     if remembered is not None:
-        _remember_again(vault.directory, new, remembered.backend)
+        _remember_again(vault.directory, new, remembered)
     return 0
 
 
-def _remember_again(vault_dir: Path, passphrase: str, backend: str) -> None:
-    """The OS keyring gets the new passphrase too, or the agent would start locked."""
-    from agent.remember import describe, store
+def _remembered_backend(vault_dir: Path) -> str | None:
+    """The keyring that holds this vault's passphrase, if any; a marker that
+    cannot be read is a warning, not a reason to leave the passphrase as it is."""
+    from agent.remember import read_marker
 
     try:
+        remembered = read_marker(vault_dir)
+    except KeyringError as exc:
+        _warn(f"{exc.message}; no remembered passphrase will be replaced")
+        return None
+    return None if remembered is None else remembered.backend
+
+
+def _remember_again(vault_dir: Path, passphrase: str, backend: str) -> None:
+    """The OS keyring gets the new passphrase too, or the agent would start
+    locked; only the backend ``unlock --remember`` would choose now, so that a
+    marker naming some other backend never puts the passphrase in a file."""
+    from agent.remember import describe, secure_backend, store
+
+    stale = (
+        f"{describe(backend)} still holds the old passphrase; run 'agentctl unlock"
+        " --remember' again, or 'agentctl forget'"
+    )
+    try:
+        if secure_backend() != backend:
+            _warn(f"{stale} (it is not the keyring this session would store in)")
+            return
         store(vault_dir, passphrase, backend)
     except KeyringError as exc:
-        _warn(
-            f"{describe(backend)} still holds the old passphrase ({exc.message}); run"
-            " 'agentctl unlock --remember' again, or 'agentctl forget'"
-        )
+        _warn(f"{stale} ({exc.message})")
         return
     _say(f"remembered the new passphrase in {describe(backend)}")
 

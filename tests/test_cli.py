@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from support.agent import AgentEnv, AgentProcess, start_agent, write_secret_file
 from support.pki import CLIENT_CN, P12_PASSWORD, Pki, new_key
 
+from agent.remember import marker_path
 from agent.vault import Vault
 
 REPO = Path(__file__).resolve().parent.parent
@@ -520,6 +521,24 @@ def test_passphrase_with_the_wrong_current_one_changes_nothing(
         "passphrase", "--passphrase-file", "-", "--new-passphrase-file", "-", check=False
     )
     assert both.returncode == 1 and "only one of" in both.stderr
+
+
+def test_passphrase_stores_the_new_one_only_in_a_keyring_this_session_trusts(
+    agent_env: AgentEnv, vault: Vault
+) -> None:
+    """A keyring.json naming a backend that keeps no secret safe (edited, or
+    from another session) gets a warning, never the new passphrase."""
+    marker = marker_path(agent_env.vault_dir)
+    marker.write_text(json.dumps({"backend": "keyring.backends.fail.Keyring", "username": "v"}))
+    agent_env.env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
+    r = agent_env.agentctl(
+        "passphrase",
+        "--passphrase-file", agent_env.passphrase_file(PASSPHRASE),
+        "--new-passphrase-file", agent_env.passphrase_file("new one", "new"),
+    )  # fmt: skip
+    assert "changed the vault passphrase" in r.stdout
+    assert "still holds the old passphrase" in one_error_line(r.stderr)
+    Vault(agent_env.vault_dir).unlock_key("new one")
 
 
 def test_passphrase_on_a_terminal_asks_the_current_one_then_the_new_one_twice(

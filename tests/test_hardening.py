@@ -13,11 +13,13 @@ import fcntl
 import os
 import pwd
 import resource
+import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from support.pki import P12_PASSWORD, Pki
 from support.tools import in_ci, require_tool, traversable_by_others
 
 from agent.control import UnlockThrottle
+from agent.paths import default_paths
 from agent.vault import Vault
 from cli.control_client import ControlClient, ControlError
 
@@ -441,6 +444,39 @@ def test_an_xdg_runtime_dir_that_is_not_0700_is_still_where_the_sockets_go(
     said = agent_env.agentctl("env").stdout
     assert f"MTLS_AGENT_SOCK={agent_env.proxy_socket}" in said
     assert "state:       locked" in agent_env.agentctl("status").stdout
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file", "relative", "other-user"])
+def test_an_xdg_runtime_dir_that_is_not_this_users_folder_is_not_used(
+    kind: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """An XDG_RUNTIME_DIR inherited through su, or a link another user could
+    redirect, never holds the sockets: platformdirs' own fallback does."""
+    root = Path(tempfile.mkdtemp(prefix="mt-xdg-"))
+    try:
+        mine = root / "mine"
+        mine.mkdir(mode=0o700)
+        named = {
+            "symlink": root / "link",
+            "file": root / "file",
+            "relative": Path("run"),
+            "other-user": root / "theirs",
+        }[kind]
+        if kind == "symlink":
+            named.symlink_to(mine)
+        elif kind == "file":
+            named.write_text("")
+        elif kind == "other-user":
+            user: pwd.struct_passwd = request.getfixturevalue("second_user")
+            named.mkdir(mode=0o700)
+            os.chown(named, user.pw_uid, user.pw_gid)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(named))
+        monkeypatch.setenv("TMPDIR", str(mine))  # where the fallback goes, whatever /run holds
+        runtime = default_paths().runtime_dir
+        assert not str(runtime).startswith(str(named)), runtime
+        assert runtime.name == "mtls-agent"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_an_xdg_runtime_dir_others_can_write_is_refused_not_replaced(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvloop
 
+from agent.audit import AuditLog
 from agent.config import Limits
 from agent.forward import ProxyServer
 from agent.keychain import Keychain
@@ -47,10 +48,13 @@ class HeadHarness:
         folder = Path(self._dir.name)
         keychain = Keychain(Vault(folder / "vault"), folder)
         limits = Limits(head_timeout=5.0, keepalive_idle=5.0)
-        self.server = ProxyServer(keychain, limits, frozenset({os.getuid()}))
+        # every answer, refusals included, writes its audit line as in the agent
+        self.audit = AuditLog(folder / "audit.jsonl", max_bytes=1 << 20, keep=1)
+        self.server = ProxyServer(keychain, limits, frozenset({os.getuid()}), self.audit)
 
     def close(self) -> None:
         self.server.close()
+        self.audit.close()
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
         self._dir.cleanup()
