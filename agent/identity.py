@@ -207,20 +207,24 @@ def check_pin(text: str) -> str:
     """Canonicalise an SPKI pin to curl's ``sha256//BASE64`` spelling.
 
     curl's ``--pinnedpubkey`` writes two slashes; people also write one.
-    Both are accepted so that a pin can be pasted from either habit.
+    Both are accepted so that a pin can be pasted from either habit. "/" is
+    a base64 letter, so ``sha256//X…`` may also be the short spelling of a
+    digest that starts with "/": the length of a SHA-256 in base64 (44)
+    tells the two apart.
     """
     prefix, sep, encoded = text.partition("/")
-    encoded = encoded.removeprefix("/")
-    try:
-        digest = base64.b64decode(encoded, validate=True) if prefix == "sha256" and sep else b""
-    except ValueError:
-        digest = b""
-    if len(digest) != 32:
-        raise IdentityError(
-            f"pin {text!r} is not a SHA-256 public key pin like sha256//BASE64"
-            " (44 base64 characters)"
-        )
-    return _format_pin(digest)
+    readings = [encoded.removeprefix("/"), encoded] if encoded.startswith("/") else [encoded]
+    for reading in readings if prefix == "sha256" and sep else ():
+        try:
+            digest = base64.b64decode(reading, validate=True)
+        except ValueError:
+            continue
+        if len(digest) == 32:
+            return _format_pin(digest)
+    raise IdentityError(
+        f"pin {text!r} is not a SHA-256 public key pin like sha256//BASE64"
+        " (44 base64 characters)"
+    )
 
 
 def spki_pin(cert_der: bytes) -> str:

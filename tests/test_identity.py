@@ -310,9 +310,19 @@ def test_most_specific_pattern_wins_exact_then_labels_then_port() -> None:
 DIGEST = base64.b64encode(bytes(range(32))).decode()
 
 
+#: A digest whose base64 begins with "/", a letter of base64 as well as the separator.
+SLASHED = base64.b64encode(b"\xff" + bytes(31)).decode()
+
+
 @pytest.mark.parametrize("text", [f"sha256//{DIGEST}", f"sha256/{DIGEST}"])
 def test_pins_accept_curls_spelling_and_the_short_one(text: str) -> None:
     assert check_pin(text) == f"sha256//{DIGEST}"
+
+
+@pytest.mark.parametrize("text", [f"sha256//{SLASHED}", f"sha256/{SLASHED}"])
+def test_a_digest_that_begins_with_a_slash_reads_in_both_spellings(text: str) -> None:
+    assert SLASHED.startswith("/")
+    assert check_pin(text) == f"sha256//{SLASHED}"
 
 
 @pytest.mark.parametrize(
