@@ -254,7 +254,7 @@ def make_app(
                 "enroll or import a new one with --replace.",
             )
         try:
-            renewed = await state.renewer.renew_now(name)
+            renewed = await state.renewer.renew_now(name, request["caller"])
         except Locked as exc:
             raise ApiError(423, "locked", exc.message) from None
         except AgentError as exc:

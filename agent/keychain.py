@@ -279,7 +279,11 @@ def _renewal_hint(identity: Identity) -> str:
     name = identity.name
     kind = identity.source.get("kind")
     if kind == "est":
-        return f"renew it with 'agentctl renew {name}' (or enroll again if the server refuses)"
+        return (
+            f"try 'agentctl renew {name}'; an EST server that refuses an expired certificate"
+            f" needs a new enrollment ('agentctl remove {name}', then 'agentctl enroll {name}"
+            " --est URL ...')"
+        )
     if kind == "pkcs12-url":
         return f"fetch a new one with 'agentctl enroll {name} --p12-url URL ... --replace'"
     return f"import a new one with 'agentctl import {name} FILE.p12 --host ... --replace'"

@@ -120,9 +120,10 @@ class Renewer:
         retry_max: float,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        on_renewed: Callable[[Identity], None] | None = None,
+        on_renewed: Callable[[Identity, Any], None] | None = None,
     ) -> None:
-        """``on_renewed`` is told of each identity renewed (the audit log)."""
+        """``on_renewed`` is told of each identity renewed and who asked for it
+        (the caller of ``renew_now``, None for the agent's own schedule): the audit log."""
         self._keychain = keychain
         self._vault = vault
         self.check_interval = check_interval
@@ -226,8 +227,9 @@ class Renewer:
         if due:
             await asyncio.gather(*due, return_exceptions=True)
 
-    async def renew_now(self, name: str) -> Identity:
-        """Renew ``name`` at once (``agentctl renew``); joins a renewal in progress."""
+    async def renew_now(self, name: str, caller: Any = None) -> Identity:
+        """Renew ``name`` at once (``agentctl renew``, whose process is ``caller``);
+        joins a renewal in progress."""
         identity = self._identity(name)
         if not renewable(identity):
             raise EnrollmentError(
@@ -237,7 +239,7 @@ class Renewer:
         if self._keychain.locked:
             raise Locked("The agent is locked; renewal needs 'agentctl unlock' first.")
         # Shielded: a client that hangs up must not cancel a renewal half-way.
-        return await asyncio.shield(self._attempt(name))
+        return await asyncio.shield(self._attempt(name, caller))
 
     def _identity(self, name: str) -> Identity:
         for identity in self._keychain.identities:
@@ -245,15 +247,15 @@ class Renewer:
                 return identity
         raise IdentityError(f"there is no identity named '{name}'")
 
-    def _attempt(self, name: str) -> asyncio.Task[Identity]:
+    def _attempt(self, name: str, caller: Any = None) -> asyncio.Task[Identity]:
         task = self._running.get(name)
         if task is None:
-            task = asyncio.create_task(self._renew(name), name=f"renew {name}")
+            task = asyncio.create_task(self._renew(name, caller), name=f"renew {name}")
             self._running[name] = task
             task.add_done_callback(lambda _: self._running.pop(name, None))
         return task
 
-    async def _renew(self, name: str) -> Identity:
+    async def _renew(self, name: str, caller: Any) -> Identity:
         identity = self._identity(name)
         state = self._refresh()[name]
         state.renewing = True
@@ -261,7 +263,7 @@ class Renewer:
         try:
             renewed = await self._renew_with_key(identity)
         except Exception as exc:
-            raise self._failed(state, exc) from None
+            raise self._failed(state, exc, identity) from None
         finally:
             state.renewing = False
         self._keys.pop(name, None)
@@ -275,7 +277,7 @@ class Renewer:
             renewed.not_after.isoformat(),
         )
         if self._on_renewed is not None:
-            self._on_renewed(renewed)
+            self._on_renewed(renewed, caller)
         return renewed
 
     async def _renew_with_key(self, identity: Identity) -> Identity:
@@ -297,13 +299,21 @@ class Renewer:
             progress=lambda line: log.info("renewal of %s: %s", identity.name, line),
         )
 
-    def _failed(self, state: RenewalState, exc: Exception) -> AgentError:
+    def _failed(self, state: RenewalState, exc: Exception, identity: Identity) -> AgentError:
         """Record a failure, schedule the retry, and say what went wrong."""
         if isinstance(exc, AgentError):
             error = exc
         else:
             log.error("renewal of %s failed unexpectedly", state.name, exc_info=exc)
             error = EnrollmentError(f"the renewal failed unexpectedly ({type(exc).__name__})")
+        if identity.not_after.timestamp() <= time.time():
+            # a renewal authenticates with the current certificate: once it has
+            # expired, EST servers refuse the handshake, often without a word
+            error = EnrollmentError(
+                f"{error.message.rstrip('.')}; its certificate expired at"
+                f" {identity.not_after.isoformat()}, which EST servers refuse for a renewal:"
+                f" remove it ('agentctl remove {identity.name}') and enroll it again"
+            )
         state.failures += 1
         delay = min(self.retry_initial * 2 ** (state.failures - 1), self.retry_max)
         if isinstance(exc, EnrollmentPending):

@@ -209,9 +209,9 @@ class Agent:
         self.autolock = AutoLock(self.keychain, config, self.proxy, on_lock=self._audit_lock)
         self._stopping = asyncio.Event()
 
-    def _audit_renewal(self, identity: Identity) -> None:
+    def _audit_renewal(self, identity: Identity, caller: Caller | None) -> None:
         if self.audit is not None:
-            self.audit.event("renew", None, **identity_fields(identity))
+            self.audit.event("renew", caller, **identity_fields(identity))
 
     def _audit_lock(self, reason: str) -> None:
         if self.audit is not None:

@@ -513,5 +513,5 @@ async def test_expired_est_identity_says_to_run_agentctl_renew(
     await keychain.unlock(PASSPHRASE)
     with pytest.raises(IdentityExpired) as raised:
         keychain.route("api.example.com", 443)
-    assert "renew it with 'agentctl renew dev'" in raised.value.message
+    assert "try 'agentctl renew dev'" in raised.value.message
     assert identity.not_after.isoformat() in raised.value.message

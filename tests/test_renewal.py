@@ -508,3 +508,29 @@ def test_renew_command_renews_now_and_prints_the_new_expiry(
     assert [e["serial"] for e in enrolled] == [hex_serial(est.issued[0])]
     assert [e["serial"] for e in renewed] == [hex_serial(new)]
     assert renewed[0]["identity"] == "dev" and renewed[0]["source"] == "est"
+    assert renewed[0]["uid"] == os.getuid() and renewed[0]["pid"] not in (None, agent.pid)
+
+
+def test_an_expired_identity_is_told_to_enroll_again_not_to_renew_in_a_circle(
+    env: AgentEnv, est: EstServer, nginx: Nginx
+) -> None:
+    """A renewal authenticates with the current certificate, so an expired
+    one is refused at the handshake: the messages must lead out of that."""
+    est.lifetimes = [dt.timedelta(seconds=60)]
+    est.backdate = dt.timedelta(seconds=58)  # expires two seconds after it is issued
+    enroll(env, est)
+    expires = est.issued[0].not_valid_after_utc.timestamp()
+    time.sleep(max(0.0, expires - time.time() + 0.2))  # the certificate's own time: no event
+    agent = start_unlocked(env)
+    try:
+        answer = curl(env.proxy_socket, f"http://{nginx.host_header}/echo")
+        assert answer.status == 403 and answer.json()["error"] == "identity-expired"
+        assert (
+            "'agentctl remove dev', then 'agentctl enroll dev --est URL" in answer.json()["message"]
+        )
+        refused = env.agentctl("renew", "dev", check=False)
+        assert refused.returncode == 1
+        assert "which EST servers refuse for a renewal" in refused.stderr, refused.stderr
+        assert "remove it ('agentctl remove dev') and enroll it again" in refused.stderr
+    finally:
+        agent.stop()
