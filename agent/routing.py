@@ -70,7 +70,11 @@ def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:
             if pattern not in other.hosts or new.callers.excludes(other.callers):
                 continue
             if not (new.callers and other.callers):
-                why = "; two identities may share a pattern only when both have caller rules"
+                why = (
+                    "; two identities may share a pattern only when both have caller rules,"
+                    " of one kind (allow-uid, allow-gid, allow-exe or allow-exe-sha256) with no"
+                    " value in common"
+                )
             elif new.callers == other.callers:
                 why = " with the same caller rules"
             else:

@@ -74,7 +74,10 @@ class ControlClient:
 
     def not_running(self) -> AgentNotRunning:
         """The error for "nothing listens here", naming the socket we tried."""
-        return AgentNotRunning(f"no agent is running on {self.path}; start one with 'mtls-agent'.")
+        return AgentNotRunning(
+            f"no agent is running on {self.path}; start one with 'mtls-agent', or in the"
+            " background with 'eval \"$(agentctl start)\"'."
+        )
 
     def get(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         return self._call("GET", path, None, timeout)

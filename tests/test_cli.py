@@ -393,7 +393,8 @@ def test_status_and_unlock_without_an_agent_say_none_is_running(agent_env: Agent
     r = agent_env.agentctl("status", check=False)
     assert r.returncode == 1
     assert one_error_line(r.stderr) == (
-        f"agentctl: no agent is running on {agent_env.control_socket}; start one with 'mtls-agent'."
+        f"agentctl: no agent is running on {agent_env.control_socket}; start one with"
+        " 'mtls-agent', or in the background with 'eval \"$(agentctl start)\"'."
     )
     r = agent_env.agentctl("status", "--json", check=False)
     assert r.returncode == 1
