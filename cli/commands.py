@@ -24,9 +24,10 @@ from cli.control_client import UNLOCK_TIMEOUT, ControlClient, ControlError
 
 if TYPE_CHECKING:
     from agent.identity import Identity
+    from agent.vault import Vault
 
 
-def _vault():  # type: ignore[no-untyped-def]
+def _vault() -> Vault:
     from agent.vault import Vault
 
     return Vault(default_paths().vault_dir)
@@ -157,12 +158,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         if isinstance(answer.get("renewal"), dict):
             renewal = answer["renewal"]
     next_renewal = _next_renewals(identities, renewal)
-    rows = render.list_json(identities.values(), broken, loaded, agent_broken, next_renewal)
+    pending = {name for name in broken if _is_pending(vault, name)}
+    rows = render.list_json(
+        identities.values(), broken, loaded, agent_broken, next_renewal, pending
+    )
     if args.json:
         _say(render.to_json(rows))
     else:
         _say(render.list_text(rows, identities))
     return 0
+
+
+def _is_pending(vault: Vault, name: str) -> bool:
+    """An EST enrollment waiting for its certificate, which ``list`` does not call broken."""
+    from agent.identity import PENDING_FORMAT
+
+    try:
+        return vault.read_metadata(name).get("format") == PENDING_FORMAT
+    except (AgentError, AttributeError):
+        return False
 
 
 def _next_renewals(

@@ -88,8 +88,10 @@ def list_json(
     loaded: set[str],
     agent_broken: Mapping[str, str],
     next_renewal: Mapping[str, str] | None = None,
+    pending: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """``list --json``: summaries plus ``loaded``; unreadable ones as name and reason.
+    """``list --json``: summaries plus ``loaded``; unreadable ones as name and
+    reason, with ``pending`` set for an EST enrollment not yet finished.
 
     An identity whose metadata reads but which the agent could not load
     (its sealed key did not open) keeps its summary and gains ``broken``.
@@ -105,7 +107,11 @@ def list_json(
         if identity.name in agent_broken:
             row["broken"] = agent_broken[identity.name]
         rows.append(row)
-    rows.extend({"name": name, "broken": reason} for name, reason in broken.items())
+    for name, reason in broken.items():
+        unread: dict[str, Any] = {"name": name, "broken": reason}
+        if name in pending:
+            unread["pending"] = True
+        rows.append(unread)
     rows.sort(key=lambda row: row["name"])
     return rows
 
@@ -118,7 +124,8 @@ def list_text(rows: list[dict[str, Any]], identities: Mapping[str, Identity]) ->
     for row in rows:
         identity = identities.get(row["name"])
         if identity is None:
-            blocks.append(f"{row['name']} (unreadable)\n  reason:      {row['broken']}")
+            label = "enrollment pending" if row.get("pending") else "unreadable"
+            blocks.append(f"{row['name']} ({label})\n  reason:      {row['broken']}")
             continue
         expires = when(identity.not_after) + (" (expired)" if identity.expired() else "")
         source = " ".join(filter(None, (row["source"], row.get("source_url"))))
@@ -305,4 +312,3 @@ def _value(value: Any) -> str:
         rules = [f"allow-{_RULE_KINDS[k]}:{_value(v)}" for k, v in value.items() if v]
         return "+".join(rules) or "none"
     return str(value)
-

@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import datetime as dt
 import email.utils
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -225,7 +226,10 @@ def test_est_enrollment_left_pending_resumes_with_the_same_key(
     pending_file = (vault.directory / "identities" / "work.json").read_text()
     assert PENDING_FORMAT in pending_file
     listed = agent_env.agentctl("list").stdout
+    assert "work (enrollment pending)" in listed
     assert "waiting for its EST enrollment to finish" in listed
+    [row] = json.loads(agent_env.agentctl("list", "--json").stdout)
+    assert row["pending"] is True and "waiting for its EST" in row["broken"]
 
     est.pending = 0
     second = enroll_est(agent_env, est, "work")
