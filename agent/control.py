@@ -259,7 +259,16 @@ def make_app(
             raise ApiError(423, "locked", exc.message) from None
         except AgentError as exc:
             raise ApiError(502, "renewal-failed", exc.message) from None
-        return web.json_response(renewed.summary())
+        # the fields 'agentctl list --json' gives an identity, so scripts read both alike
+        report = state.renewer.report().get(name, {})
+        return web.json_response(
+            {
+                **renewed.summary(),
+                "source_url": renewed.source.get("url"),
+                "next_renewal": report.get("next_renewal"),
+                "loaded": keychain.is_loaded(name),
+            }
+        )
 
     app = web.Application(middlewares=[_errors_as_json], client_max_size=max_body)
     app.router.add_get("/v1/status", status)

@@ -489,6 +489,10 @@ def test_renew_command_renews_now_and_prints_the_new_expiry(
         assert answer.header("X-Client-Serial") == hex_serial(new)
         rows = json.loads(env.agentctl("list", "--json").stdout)
         assert rows[0]["serial"] == hex_serial(new) and rows[0]["next_renewal"]
+        again = json.loads(env.agentctl("renew", "dev", "--json").stdout)
+        assert again["serial"] == hex_serial(est.issued[-1]) != hex_serial(new)
+        assert again.keys() == rows[0].keys()  # what list --json says of an identity
+        assert again["loaded"] is True and again["source_url"] == rows[0]["source_url"]
 
         password = write_secret_file(env.root, P12_PASSWORD, "p12-password")
         env.agentctl("import", "file", pki.client_p12(), "--host", "other.example.com",
@@ -499,14 +503,14 @@ def test_renew_command_renews_now_and_prints_the_new_expiry(
         env.agentctl("lock")
         locked = env.agentctl("renew", "dev", check=False)
         assert locked.returncode == 1 and "unlock" in locked.stderr
-        assert len(est.issued) == 2
+        assert len(est.issued) == 3
     finally:
         agent.stop()
     events = [json.loads(line) for line in env.audit_log.read_text().splitlines()]
     enrolled = [e for e in events if e["event"] == "enroll"]
     renewed = [e for e in events if e["event"] == "renew"]
     assert [e["serial"] for e in enrolled] == [hex_serial(est.issued[0])]
-    assert [e["serial"] for e in renewed] == [hex_serial(new)]
+    assert [e["serial"] for e in renewed] == [hex_serial(c) for c in est.issued[1:]]
     assert renewed[0]["identity"] == "dev" and renewed[0]["source"] == "est"
     assert renewed[0]["uid"] == os.getuid() and renewed[0]["pid"] not in (None, agent.pid)
 
