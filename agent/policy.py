@@ -12,8 +12,9 @@ Among the identities bound to a host, the most specific one whose rules
 admit the caller is used. Two identities may share a host pattern only when
 their rules exclude each other (``CallerRules.excludes``: they are meant for
 different callers); should a caller pass both all the same (a vault written
-before that check), it is refused, never guessed at. The rule that refused a caller goes to
-the audit log (``PeerDenied.reason``), never into the response.
+before that check), it is refused, never guessed at. The rule that refused
+a caller goes to the audit log (``PeerDenied.reason``), never into the
+response.
 """
 
 from __future__ import annotations

@@ -174,9 +174,10 @@ def _is_pending(vault: Vault, name: str) -> bool:
     from agent.identity import PENDING_FORMAT
 
     try:
-        return vault.read_metadata(name).get("format") == PENDING_FORMAT
-    except (AgentError, AttributeError):
+        metadata = vault.read_metadata(name)
+    except AgentError:
         return False
+    return isinstance(metadata, dict) and metadata.get("format") == PENDING_FORMAT
 
 
 def _next_renewals(
