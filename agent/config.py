@@ -94,6 +94,8 @@ class Limits:
     failed_unlock_delay_max: float = _setting(
         _positive_duration, 10.0, "limits.failed_unlock_delay_max"
     )
+    # a vault writer (agentctl, a renewal) waits this long for another, then fails "vault busy"
+    vault_lock_timeout: float = _setting(_positive_duration, 10.0, "limits.vault_lock_timeout")
 
 
 @dataclass(frozen=True)

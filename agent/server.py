@@ -195,12 +195,13 @@ class Agent:
         self.audit = audit
         self.manager = manager
         self.notifier = Notifier()
-        self.keychain = Keychain(Vault(paths.vault_dir), paths.runtime_dir)
+        vault = Vault(paths.vault_dir, lock_timeout=config.limits.vault_lock_timeout)
+        self.keychain = Keychain(vault, paths.runtime_dir)
         allowed = frozenset({os.getuid(), *config.proxy_allow_uids})
         self.proxy = ProxyServer(self.keychain, config.limits, allowed, audit)
         self.renewer = Renewer(
             self.keychain,
-            Vault(paths.vault_dir),
+            vault,
             check_interval=config.renewal_check_interval,
             retry_initial=config.renewal_retry_initial,
             retry_max=config.renewal_retry_max,

@@ -28,9 +28,13 @@ if TYPE_CHECKING:
 
 
 def _vault() -> Vault:
+    """The vault, waiting for another writer as long as config.toml says."""
+    from agent.config import load_config
     from agent.vault import Vault
 
-    return Vault(default_paths().vault_dir)
+    paths = default_paths()
+    limits = load_config(paths.config_file).limits
+    return Vault(paths.vault_dir, lock_timeout=limits.vault_lock_timeout)
 
 
 def _control() -> ControlClient:

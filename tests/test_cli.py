@@ -15,6 +15,7 @@ import os
 import pty
 import select
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -362,6 +363,31 @@ def test_list_names_an_unreadable_identity_with_its_reason(
     assert set(rows[0]) == {"name", "broken"}
     assert "not valid JSON" in rows[0]["broken"]
     assert "bad (unreadable)" in agent_env.agentctl("list").stdout
+
+
+def test_a_vault_writer_waits_vault_lock_timeout_then_says_vault_busy(
+    agent_env: AgentEnv, vault: Vault, pki: Pki
+) -> None:
+    agent_env.write_config('[limits]\nvault_lock_timeout = "0.3s"\n')
+    holder = (
+        "import fcntl, sys\n"
+        "with open(sys.argv[1]) as lock:\n"
+        "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "    print('locked', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", holder, str(vault.directory / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout.readline() == "locked\n"  # type: ignore[union-attr]
+        started = time.monotonic()
+        busy = import_p12(agent_env, pki, "work", check=False)
+        waited = time.monotonic() - started
+        proc.stdin.close()  # type: ignore[union-attr]
+    assert busy.returncode == 1 and "vault busy" in busy.stderr, busy.stderr
+    assert waited < 5  # the default would have waited 10 s
+    assert vault.names() == []
 
 
 def test_remove_deletes_the_identity_and_an_unknown_name_is_an_error(
