@@ -1,4 +1,4 @@
-"""Load: a thousand idle clients, two hundred busy ones, and memory that stays put.
+"""Load: 4,096 idle clients, two hundred busy ones, and memory that stays put.
 
 The clients are asyncio streams in this process speaking raw HTTP/1.1 on
 the agent's Unix socket; the upstream is the real nginx. Each test prints
