@@ -288,3 +288,19 @@ def test_lock_on_suspend_can_be_turned_off(
         assert info["autolock"]["last_lock"] == "session-lock"
         assert info["autolock"]["lock_on_suspend"] is False
     assert all(call.member != "Inhibit" for call in list(logind.calls.queue))
+
+
+def test_lock_on_session_lock_can_be_turned_off(
+    agent_env: AgentEnv, vault: Vault, logind: FakeLogind
+) -> None:
+    with agent_with(agent_env, "lock_on_session_lock = false\n"):
+        held = inhibitor(logind)  # subscribed to suspends
+        unlock(agent_env)
+        assert status(agent_env)["autolock"]["lock_on_session_lock"] is False
+        logind.emit_session_lock("c1")  # this user's session, but not subscribed: never seen
+        logind.emit_prepare_for_sleep(True)  # seen, after the one above would have been
+        assert released(held)
+        os.close(held)
+        info = status(agent_env)
+        assert (info["state"], info["autolock"]["last_lock"]) == ("locked", "suspend")
+    assert all(call.member != "Get" for call in list(logind.calls.queue))
