@@ -219,8 +219,10 @@ def test_an_allowed_executable_is_served_and_a_copy_elsewhere_is_refused(
     import_identity(agent_env, pki, "work", "--allow-exe", str(curls.real))
     agent()
     url = f"http://{nginx.host_header}/echo"
+    before = nginx.mark()
     served = through(agent_env, curls.real, url)
     assert (served.status, served.subject) == (200, CLIENT_DN)
+    nginx.access_log(before, wait_for=1)  # nginx logs after answering: let that line land
     mark = nginx.mark()
     refused = through(agent_env, curls.copy, url)
     assert (refused.status, refused.error) == (403, "peer-denied")
