@@ -279,17 +279,19 @@ def audit_text(entry: Mapping[str, Any]) -> str:
     kind = entry.get("event")
     if kind == "request":
         host, port = entry.get("host"), entry.get("port")
-        where = f"[{host}]" if isinstance(host, str) and ":" in host else str(host)
-        if port not in (None, 443):
+        # a head refused before its target was known has no host (and maybe no method)
+        where = f"[{host}]" if isinstance(host, str) and ":" in host else str(host or "")
+        if host and port not in (None, 443):
             where += f":{port}"
+        target = f"{where}{entry.get('path') or ''}" or "-"
         outcome = str(entry.get("status"))
         if entry.get("error"):
             outcome += f" {entry['error']}"
         if entry.get("reason"):
             outcome += f" ({entry['reason']})"
         return (
-            f"{stamp}  request  {entry.get('identity') or '-'}  {entry.get('method')} "
-            f"{where}{entry.get('path') or ''} -> {outcome}  in {_size(entry.get('bytes_in'))}, "
+            f"{stamp}  request  {entry.get('identity') or '-'}  {entry.get('method') or '-'} "
+            f"{target} -> {outcome}  in {_size(entry.get('bytes_in'))}, "
             f"out {_size(entry.get('bytes_out'))}, {entry.get('duration_ms')} ms{_who(entry)}"
         )
     common = {"time", "event", "pid", "uid", "gid", "exe"}

@@ -535,6 +535,9 @@ def test_a_request_entry_reads_as_one_line_of_text() -> None:
         "(identity 'work': uid 1000 is not allowed (allow-uid 0))  in 0 B, out 2.0 KiB, "
         "1.5 ms  pid 42 uid 1000 /usr/bin/curl"
     )
+    garbage = {**entry, "method": None, "host": None, "port": None, "path": None}
+    garbage.update(status=400, error="bad-request", reason=None)
+    assert "request  -  - - -> 400 bad-request  in" in audit_text(garbage)  # not "None None"
 
 
 def test_request_lines_are_valid_json_whatever_the_strings_hold() -> None:
