@@ -55,6 +55,12 @@ def _add(found: list[Identity], entries: Iterable[_Entry], port: int) -> None:
             found.append(identity)
 
 
+#: What makes two identities' caller rules tell their callers apart (``CallerRules.excludes``).
+_APART = (
+    " of one kind (allow-uid, allow-gid, allow-exe or allow-exe-sha256) with no value in common"
+)
+
+
 def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:
     """Sentences naming each host pattern that ``new`` would tie on.
 
@@ -70,19 +76,12 @@ def conflicts(existing: Iterable[Identity], new: Identity) -> list[str]:
             if pattern not in other.hosts or new.callers.excludes(other.callers):
                 continue
             if not (new.callers and other.callers):
-                why = (
-                    "; two identities may share a pattern only when both have caller rules,"
-                    " of one kind (allow-uid, allow-gid, allow-exe or allow-exe-sha256) with no"
-                    " value in common"
-                )
+                why = "; two identities may share a pattern only when both have caller rules"
+                why += _APART
             elif new.callers == other.callers:
                 why = " with the same caller rules"
             else:
-                why = (
-                    " with caller rules one process could pass both; give both a rule of one"
-                    " kind (allow-uid, allow-gid, allow-exe or allow-exe-sha256) with no value"
-                    " in common"
-                )
+                why = f" with caller rules one process could pass both; give both rules{_APART}"
             problems.append(
                 f"host pattern '{pattern}' is already bound to identity '{other.name}'{why}"
             )

@@ -15,7 +15,6 @@ import os
 import pty
 import select
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from support.agent import AgentEnv, AgentProcess, start_agent, write_secret_file
 from support.pki import CLIENT_CN, P12_PASSWORD, Pki, new_key
+from support.tools import locked_by_another_process
 
 from agent.remember import marker_path
 from agent.vault import Vault
@@ -369,22 +369,10 @@ def test_a_vault_writer_waits_vault_lock_timeout_then_says_vault_busy(
     agent_env: AgentEnv, vault: Vault, pki: Pki
 ) -> None:
     agent_env.write_config('[limits]\nvault_lock_timeout = "0.3s"\n')
-    holder = (
-        "import fcntl, sys\n"
-        "with open(sys.argv[1]) as lock:\n"
-        "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
-        "    print('locked', flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
-    with subprocess.Popen(
-        [sys.executable, "-c", holder, str(vault.directory / ".lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    ) as proc:  # fmt: skip
-        assert proc.stdout.readline() == "locked\n"  # type: ignore[union-attr]
+    with locked_by_another_process(vault.directory / ".lock"):
         started = time.monotonic()
         busy = import_p12(agent_env, pki, "work", check=False)
         waited = time.monotonic() - started
-        proc.stdin.close()  # type: ignore[union-attr]
     assert busy.returncode == 1 and "vault busy" in busy.stderr, busy.stderr
     assert waited < 5  # the default would have waited 10 s
     assert vault.names() == []

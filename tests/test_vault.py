@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from support.tools import require_tool
+from support.tools import locked_by_another_process, require_tool
 
 import agent.vault
 from agent.errors import BadPassphrase, VaultBusy, VaultError
@@ -492,28 +492,11 @@ def test_a_crash_mid_replace_leaves_the_old_identity_whole(vault: Vault) -> None
 def test_a_writer_gives_up_with_vault_busy_while_another_holds_the_lock(tmp: Path) -> None:
     v = Vault(tmp / "vault", lock_timeout=0.3)
     v.create(PASSPHRASE, kdf_n=FAST_N)
-    holder = textwrap.dedent(
-        """
-        import fcntl, sys
-        with open(sys.argv[1]) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            print("locked", flush=True)
-            sys.stdin.read()
-        """
-    )
-    with subprocess.Popen(
-        [sys.executable, "-c", holder, str(v.directory / ".lock")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout.readline() == "locked\n"
+    with locked_by_another_process(v.directory / ".lock"):
         started = time.monotonic()
         with pytest.raises(VaultBusy, match="vault busy"):
             v.store("work", META, ec.generate_private_key(ec.SECP256R1()))
         waited = time.monotonic() - started
-        proc.stdin.close()
-        proc.wait(timeout=10)
 
     assert 0.3 <= waited < 3
     assert v.names() == []

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -205,3 +206,29 @@ def curl(
         body=data,
         stderr=proc.stderr.decode("utf-8", "replace"),
     )
+
+
+_LOCK_HOLDER = """
+import fcntl, sys
+with open(sys.argv[1]) as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def locked_by_another_process(lock_file: Path) -> Iterator[None]:
+    """Another process holds ``flock`` on ``lock_file`` (the vault's writer
+    lock, say) from the moment the block starts until it ends."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(lock_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) as holder:  # fmt: skip
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "locked\n"
+        try:
+            yield
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
